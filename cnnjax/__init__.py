@@ -1,0 +1,1 @@
+"""cnnjax: write a convolutional network, see its geometry, train it, compare it."""

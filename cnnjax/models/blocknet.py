@@ -1,0 +1,33 @@
+"""The notes' design: convolution blocks (3x3, channels growing) joined by transition blocks
+(2x2 max-pool, then a 1x1 conv squeezing the channels), ending in a 1x1 conv to the classes and
+a global average pool."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.layers import GlobalAvgPool, MaxPool, ReLU, conv
+
+
+class BlockNet(nn.Module):
+    """Default on 28x28: 28 -> 14 -> 7; receptive field 5, 6, 14, 16, 24 (of 28)."""
+
+    num_classes: int = 10
+    input_size: int = 28
+    in_channels: int = 1
+    blocks: Sequence[Sequence[int]] = ((16, 32), (16, 32), (16, 32))  # 3x3 conv widths per block
+    transition_width: int = 16  # channels of the 1x1 squeeze after each pool
+    padding: int = 1  # of the 3x3 convs; 0 shrinks the map by 2 per conv, as in the notes
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        x = x_BxHxWxC
+        for b, widths in enumerate(self.blocks, start=1):
+            if b > 1:
+                x = MaxPool(2, name=f"transition{b - 1}_pool")(x)
+                x = ReLU()(conv(self.transition_width, 1, name=f"transition{b - 1}_conv")(x))
+            for i, width in enumerate(widths, start=1):
+                x = ReLU()(conv(width, 3, padding=self.padding, name=f"block{b}_conv{i}")(x))
+        x = conv(self.num_classes, 1, name="classifier")(x)
+        return GlobalAvgPool()(x)

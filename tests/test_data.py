@@ -1,0 +1,110 @@
+"""The IDX builder through TFDS, the missing-data error, input adaptation and batching."""
+
+import gzip
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_idx_dataset, write_idx
+
+from cnnjax import data
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip_through_tfds(tmp_path, gz):
+    arrays = make_idx_dataset(tmp_path / "src", 300, 70, gz=gz, seed=3)
+    for split, stem in (("train", "train"), ("test", "t10k")):
+        got = data.load_split(
+            "toy", split, data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path / "src")
+        )
+        images, labels = arrays[stem]
+        assert got.images_NxHxWxC.shape == (len(labels), 28, 28, 1)
+        assert got.images_NxHxWxC.dtype == np.uint8
+        np.testing.assert_array_equal(got.images_NxHxWxC[..., 0], images)  # same order too
+        np.testing.assert_array_equal(got.labels_N, labels)
+    prepared = tmp_path / "tfds" / "idx_images" / "toy" / "1.0.0"
+    assert sorted(p.name.split(".")[0] for p in prepared.glob("*.array_record*")) == [
+        "idx_images-test",
+        "idx_images-train",
+    ]
+
+
+def test_read_idx_matches_header(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "x-idx3-ubyte", images)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "x-idx3-ubyte.gz"), images)
+
+
+def test_truncated_and_foreign_files_are_named(tmp_path):
+    write_idx(tmp_path / "t", np.zeros((4, 5, 5), np.uint8), gz=False)
+    (tmp_path / "short").write_bytes((tmp_path / "t").read_bytes()[:-7])
+    with pytest.raises(data.DataError, match="truncated"):
+        data.read_idx(tmp_path / "short")
+    (tmp_path / "png.gz").write_bytes(gzip.compress(b"\x89PNG\r\n\x1a\n" + bytes(20)))
+    with pytest.raises(data.DataError, match="not an IDX file"):
+        data.read_idx(tmp_path / "png.gz")
+
+
+def test_missing_files_name_the_package_and_the_alternative(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.load_split(
+            "fashion_mnist",
+            "train",
+            data_dir=str(tmp_path / "tfds"),
+            source_dir=str(tmp_path / "empty"),
+            apt_package="dataset-fashion-mnist",
+        )
+    msg = str(e.value)
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path / "empty") in msg
+    assert "dataset.source_dir" in msg and "tfds build fashion_mnist" in msg
+    assert not (tmp_path / "tfds").exists()  # nothing half-prepared is left behind
+
+
+def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
+    with pytest.raises(data.DataError, match="tfds build cifar10 --file_format=array_record"):
+        data.load_split("cifar10", "train", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "src, dst, words",
+    [
+        ((28, 28, 1), (28, 28, 1), "none"),
+        ((28, 28, 1), (32, 32, 1), "resize 28x28 -> 32x32"),
+        ((28, 28, 1), (227, 227, 3), "repeat 1 channel -> 3"),
+        ((32, 32, 3), (28, 28, 1), "average 3 channels -> 1"),
+    ],
+)
+def test_preprocess_shapes_and_words(src, dst, words):
+    fn, description = data.make_preprocess(src, dst, [0.5] * src[2], [0.25] * src[2])
+    assert words in description
+    x = np.full((2, *src), 255, np.uint8)
+    y = jax.jit(fn)(x)
+    assert y.shape == (2, *dst) and y.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(y), (1.0 - 0.5) / 0.25, rtol=1e-5)
+
+
+def test_preprocess_normalises_per_channel():
+    fn, _ = data.make_preprocess((2, 2, 3), (2, 2, 3), [0.1, 0.2, 0.3], [0.5, 0.5, 0.5])
+    y = np.asarray(fn(np.zeros((1, 2, 2, 3), np.uint8)))
+    np.testing.assert_allclose(y[0, 0, 0], [-0.2, -0.4, -0.6], rtol=1e-6)
+
+
+def test_incompatible_channels_are_refused():
+    with pytest.raises(data.DataError, match="Cannot adapt 3 channels to 4"):
+        data.make_preprocess((8, 8, 3), (8, 8, 4), [0.0], [1.0])
+
+
+def test_epoch_batches_visit_each_example_once():
+    batches = list(data.epoch_batches(103, 10, np.random.default_rng(0)))
+    assert len(batches) == 10 and all(len(b) == 10 for b in batches)
+    seen = np.concatenate(batches)
+    assert len(np.unique(seen)) == 100
+
+
+def test_eval_batches_cover_everything_once_with_a_mask():
+    split = data.Split(np.arange(25, dtype=np.uint8).reshape(25, 1, 1, 1), np.arange(25))
+    batches = list(data.eval_batches(split, 10))
+    assert [int(b["mask"].sum()) for b in batches] == [10, 10, 5]
+    kept = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    np.testing.assert_array_equal(kept, np.arange(25))
