@@ -56,6 +56,14 @@ class AvgPool(nn.Module):
         return nn.avg_pool(x, (self.window,) * 2, (stride, stride), _pads(self.padding))
 
 
+class Add(nn.Module):
+    """The sum of parallel paths (a residual join); a Module so analysis sees where paths merge."""
+
+    @nn.compact
+    def __call__(self, *xs: jnp.ndarray) -> jnp.ndarray:
+        return sum(xs[1:], start=xs[0])
+
+
 class GlobalAvgPool(nn.Module):
     """(B, H, W, C) -> (B, C): the mean over all positions."""
 

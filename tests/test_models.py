@@ -17,6 +17,11 @@ PARAMS_10 = {
     "lenet5": 59_386,
     "alexnet": 58_322_314,  # 62,378,344 - 4097 * 990: fc3 shrinks from 1000 to 10 outputs
     "blocknet": 20_106,
+    # torchvision's counts at 224x224x3 minus (1000 - 10) * (fc_in + 1) for the smaller last layer
+    "vgg11": 128_807_306,  # 132,863,336 - 4097 * 990
+    "vgg16": 134_301_514,  # 138,357,544 - 4097 * 990
+    "resnet18": 11_181_642,  # 11,689,512 - 513 * 990
+    "resnet50": 23_528_522,  # 25,557,032 - 2049 * 990
 }
 
 
@@ -43,7 +48,15 @@ def test_params_and_output_shape(compose_cfg, name):
 
 @pytest.mark.parametrize(
     "name, classes, expected",
-    [("alexnet", 1000, 62_378_344), ("mnist_allconv", 10, 33_058), ("lenet", 10, 81_194)],
+    [
+        ("alexnet", 1000, 62_378_344),
+        ("mnist_allconv", 10, 33_058),
+        ("lenet", 10, 81_194),
+        ("vgg11", 1000, 132_863_336),  # torchvision vgg11
+        ("vgg16", 1000, 138_357_544),  # torchvision vgg16
+        ("resnet18", 1000, 11_689_512),  # torchvision resnet18
+        ("resnet50", 1000, 25_557_032),  # torchvision resnet50
+    ],
 )
 def test_published_counts(compose_cfg, name, classes, expected):
     model = instantiate(compose_cfg(f"model={name}", f"model.num_classes={classes}").model)
@@ -73,3 +86,51 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(compose_cfg, name):
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]
     assert int(state.step) == 20
+
+
+# The small-input variants, with the overrides their YAML comments give.
+SMALL = {
+    "resnet18": ["model.small_input=true"],
+    "vgg11": ["model.head_pool=1", "model.classifier_width=512"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_input_variants_run_on_32x32(compose_cfg, name):
+    model = instantiate(compose_cfg(f"model={name}", "model.input_size=32", *SMALL[name]).model)
+    n, shape = param_count(model, batch=5)
+    assert shape == (5, 10)
+    assert n < PARAMS_10[name]
+
+
+def test_vgg_head_rejects_a_map_it_cannot_pool(compose_cfg):
+    model = instantiate(compose_cfg("model=vgg11", "model.input_size=32").model)  # 1x1 map, pool 7
+    with pytest.raises(ValueError, match="head_pool=7"):
+        param_count(model)
+
+
+def test_resnet_train_step_updates_batch_stats(compose_cfg):
+    cfg = compose_cfg("model=resnet18", "model.input_size=32", *SMALL["resnet18"])
+    model = instantiate(cfg.model)
+    shape = (4, 32, 32, 3)
+    state = engine.create_train_state(model, optax.sgd(0.1), shape, jax.random.key(0))
+    assert set(state.model_state) == {"batch_stats"}
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, shape).astype(np.uint8),
+        "label": rng.integers(0, 10, 4).astype(np.int32),
+    }
+    step = jax.jit(
+        lambda s, b: engine.train_step(s, b, jax.random.key(1), preprocess=lambda x: x / 255.0)
+    )
+    new, metrics = step(state, batch)
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
+    before, after = state.model_state["batch_stats"], new.model_state["batch_stats"]
+    assert jax.tree.structure(before) == jax.tree.structure(after)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
+    assert all(jax.tree.leaves(changed))  # every running mean and variance moved
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+    assert any(
+        bool(jnp.any(a != b))
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True)
+    )
