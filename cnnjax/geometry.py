@@ -72,8 +72,8 @@ def conv_output_size(
         raise GeometryError(
             f"layer {layer!r}: output size (W - F + P_lo + P_hi)/S + 1 = "
             f"({size} - {eff} + {lo} + {hi})/{stride} + 1 = {value:.4g}{floored} <= 0{span}; "
-            f"the input is too small here: make the input at least {max(eff - lo - hi, 1)}, "
-            "or reduce kernel/stride, or pad"
+            f"this layer needs an input of at least {max(eff - lo - hi, 1)}: "
+            "feed a larger input, reduce kernel/stride, or pad"
         )
     return out
 
@@ -264,6 +264,18 @@ def layers_to_shrink(size: int, kernel: int = 3, stride: int = 1, pad: Padding =
             )
         size, n = nxt, n + 1
     return n
+
+
+def valid_taps(
+    size: int, kernel: int, stride: int = 1, pad: Padding = (0, 0), dilation: int = 1
+) -> int:
+    """(output position, kernel tap) pairs that land on real pixels, not padding: the taps XLA's
+    cost analysis counts. Equals out*kernel when there is no padding."""
+    lo, _ = resolve_padding(pad, size, kernel, stride, dilation)
+    out = conv_output_size(size, kernel, stride, pad, dilation)
+    return sum(
+        0 <= o * stride - lo + k * dilation < size for o in range(out) for k in range(kernel)
+    )
 
 
 def mb(n_elements: int, bytes_per_element: int = 4) -> float:

@@ -84,7 +84,7 @@ def test_too_small_input_names_layer_and_formula():
     )
     with pytest.raises(GeometryError, match=re.escape(expected)) as info:
         conv_output_size(5, 11, 4, layer="conv3")
-    assert "make the input at least 11" in str(info.value)
+    assert "needs an input of at least 11" in str(info.value)
 
 
 def test_chain_error_names_the_failing_layer():
