@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cnnjax import data, engine
+from cnnjax import analysis, data, engine
 
 log = logging.getLogger("cnnjax.train")
 
@@ -137,13 +137,20 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
     schedule = instantiate(cfg.schedule)(cfg.optimizer.learning_rate, total_steps)
     tx = instantiate(cfg.optimizer)(learning_rate=schedule)
 
+    table = analysis.analyze(model, (1, *target_hwc))  # bad geometry fails here, by layer name
+    for warning in table.warnings:
+        log.warning(warning)
     init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
     state = engine.create_train_state(model, tx, (1, *target_hwc), init_rng)
     n_params = engine.count_params(state.params)
+    final = table.rows[-1]
     log.info(
-        "%s: %s params; %d train / %d test examples; %d steps (%d per epoch, batch %d)",
+        "%s: %s params, %.1f M MACs per image, final receptive field %s; "
+        "%d train / %d test examples; %d steps (%d per epoch, batch %d)",
         type(model).__name__,
         f"{n_params:,}",
+        table.totals.macs / 1e6,
+        "x".join(map(str, final.rf)),
         n_train,
         len(test_split.labels_N),
         total_steps,
@@ -218,6 +225,8 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
     train_wall_s = time.perf_counter() - train_start
     return {
         "params": n_params,
+        "macs": table.totals.macs,
+        "receptive_field": list(final.rf),
         "steps": step,
         "epochs": round(step / steps_per_epoch, 4),
         "batch_size": t.batch_size,

@@ -56,6 +56,7 @@ def test_cli_run_writes_config_metrics_and_summary(tmp_path, idx_dir):
     assert set(summary) >= SUMMARY_KEYS
     assert summary["status"] == "completed"
     assert (summary["model"], summary["params"], summary["steps"]) == ("mnist_allconv", 33_058, 12)
+    assert (summary["macs"], summary["receptive_field"]) == (1_472_256, [40, 40])  # analysis
     assert summary["epochs"] == pytest.approx(12 / 8)  # 1,024 examples / batch 128 = 8 per epoch
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if r["split"] == "train"]
@@ -133,3 +134,15 @@ def test_divergence_stops_with_status_and_advice(tmp_path, idx_dir):
     assert "learning rate" in summary["error"] and "1e8" in summary["error"].replace(
         "100000000.0", "1e8"
     )
+
+
+def test_bad_geometry_fails_before_compiling_by_layer_name(tmp_path, idx_dir):
+    run_dir = tmp_path / "run"
+    proc = cli(
+        tmp_path, idx_dir, "model=alexnet", "model.input_size=28", f"hydra.run.dir={run_dir}",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "'pool2'" in proc.stderr and "67x67" in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "GeometryError" in summary["error"]
