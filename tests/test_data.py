@@ -1,6 +1,7 @@
 """The IDX builder through TFDS, the missing-data error, input adaptation and batching."""
 
 import gzip
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -108,3 +109,23 @@ def test_eval_batches_cover_everything_once_with_a_mask():
     assert [int(b["mask"].sum()) for b in batches] == [10, 10, 5]
     kept = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
     np.testing.assert_array_equal(kept, np.arange(25))
+
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(
+    not (Path(FASHION) / "t10k-labels-idx1-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (make test installs it)",
+)
+def test_real_fashion_mnist_equals_the_idx_files(tmp_path):
+    """The Debian files through the TFDS builder: same sizes, labels, pixels and statistics."""
+    kw = dict(data_dir=str(tmp_path), source_dir=FASHION)
+    train = data.load_split("fashion_mnist", "train", **kw)
+    test = data.load_split("fashion_mnist", "test", **kw)
+    assert (len(train.labels_N), len(test.labels_N)) == (60_000, 10_000)
+    assert train.labels_N[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    raw = gzip.decompress((Path(FASHION) / "t10k-images-idx3-ubyte.gz").read_bytes())
+    np.testing.assert_array_equal(test.images_NxHxWxC.ravel(), np.frombuffer(raw[16:], np.uint8))
+    assert train.images_NxHxWxC.mean() / 255 == pytest.approx(0.2860, abs=1e-4)  # dataset config
+    assert np.bincount(test.labels_N).tolist() == [1000] * 10
