@@ -216,6 +216,33 @@ def make_preprocess(
     return preprocess, "; ".join(steps) or "none (the dataset already fits the model)"
 
 
+def make_augment(crop_padding: int = 0, flip: bool = False) -> Callable | None:
+    """On-device augmentation of a uint8 NHWC batch: a random crop of the image zero-padded by
+    `crop_padding` on each side, and a random horizontal flip; None when both are off."""
+    if not crop_padding and not flip:
+        return None
+
+    def augment(images_BxHxWxC: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
+        b, h, w, c = images_BxHxWxC.shape
+        crop_rng, flip_rng = jax.random.split(rng)
+        x = images_BxHxWxC
+        if crop_padding:
+            p = crop_padding
+            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+            corners = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
+
+            def crop(img: jnp.ndarray, yx: jnp.ndarray) -> jnp.ndarray:
+                return jax.lax.dynamic_slice(img, (yx[0], yx[1], 0), (h, w, c))
+
+            x = jax.vmap(crop)(padded, corners)
+        if flip:
+            mirror = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
+            x = jnp.where(mirror, x[:, :, ::-1], x)
+        return x
+
+    return augment
+
+
 def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Shuffled index batches of one epoch; the incomplete last batch is dropped."""
     order = rng.permutation(n)

@@ -15,6 +15,7 @@ import optax
 from flax.training import train_state
 
 Preprocess = Callable[[jnp.ndarray], jnp.ndarray]
+Augment = Callable[[jnp.ndarray, jax.Array], jnp.ndarray]  # (uint8 NHWC images, rng) -> images
 Metrics = dict[str, jnp.ndarray]
 
 
@@ -37,31 +38,58 @@ def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def cross_entropy(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray) -> jnp.ndarray:
-    """Per-example softmax cross-entropy, in float32 whatever the logits' dtype."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxK.astype(jnp.float32), labels_B)
+def cross_entropy(
+    logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, label_smoothing: float = 0.0
+) -> jnp.ndarray:
+    """Per-example softmax cross-entropy, in float32 whatever the logits' dtype; with
+    `label_smoothing` a, the target puts 1 - a on the label and a/K on every class."""
+    logits_BxK = logits_BxK.astype(jnp.float32)
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BxK.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits_BxK, targets)
+
+
+def _cast(tree: Any, dtype) -> Any:
+    """Floating-point leaves to `dtype` (None: unchanged)."""
+    if dtype is None:
+        return tree
+    floating = lambda a: jnp.issubdtype(a.dtype, jnp.floating)  # noqa: E731
+    return jax.tree.map(lambda a: a.astype(dtype) if floating(a) else a, tree)
 
 
 def train_step(
-    state: TrainState, batch: dict, rng, *, preprocess: Preprocess
+    state: TrainState,
+    batch: dict,
+    rng,
+    *,
+    preprocess: Preprocess,
+    augment: Augment | None = None,
+    label_smoothing: float = 0.0,
+    compute_dtype: Any = None,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer step on `batch`; `rng` drives dropout and is folded with the step."""
-    x = preprocess(batch["image"])
+    """One optimizer step on `batch`. `rng` is folded with the step, then drives augmentation
+    (uint8 images, before preprocessing) and dropout. With `compute_dtype` (e.g. bfloat16) the
+    forward and backward passes run in it while parameters and their updates stay float32."""
     rng = jax.random.fold_in(rng, state.step)
+    dropout_rng, augment_rng = jax.random.split(rng)
+    images = batch["image"] if augment is None else augment(batch["image"], augment_rng)
+    x = _cast(preprocess(images), compute_dtype)
     mutable = list(state.model_state.keys())
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
-            {"params": params, **state.model_state},
+            {"params": _cast(params, compute_dtype), **state.model_state},
             x,
             train=True,
-            rngs={"dropout": rng},
+            rngs={"dropout": dropout_rng},
             mutable=mutable,
         )
-        return cross_entropy(logits, batch["label"]).mean(), (logits, updates)
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, model_state=updates)
+    state = state.apply_gradients(grads=grads, model_state=_cast(updates, jnp.float32))
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
     return state, {"loss": loss, "accuracy": accuracy}
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import hydra
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import tensorflow_datasets as tfds
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from cnnjax import analysis, data, engine
 
 log = logging.getLogger("cnnjax.train")
+COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
 
 
 class Diverged(RuntimeError):
@@ -136,6 +139,8 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     schedule = instantiate(cfg.schedule)(cfg.optimizer.learning_rate, total_steps)
     tx = instantiate(cfg.optimizer)(learning_rate=schedule)
+    if t.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
 
     table = analysis.analyze(model, (1, *target_hwc))  # bad geometry fails here, by layer name
     for warning in table.warnings:
@@ -157,8 +162,18 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
         steps_per_epoch,
         t.batch_size,
     )
+    if t.precision not in COMPUTE_DTYPES:
+        raise ValueError(f"trainer.precision={t.precision!r}: use one of {sorted(COMPUTE_DTYPES)}")
+    augment = data.make_augment(**ds.augment)
     train_step = jax.jit(
-        functools.partial(engine.train_step, preprocess=preprocess), donate_argnums=0
+        functools.partial(
+            engine.train_step,
+            preprocess=preprocess,
+            augment=augment,
+            label_smoothing=t.label_smoothing,
+            compute_dtype=COMPUTE_DTYPES[t.precision],
+        ),
+        donate_argnums=0,
     )
     eval_step = jax.jit(functools.partial(engine.eval_step, preprocess=preprocess))
 

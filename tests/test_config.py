@@ -63,3 +63,13 @@ def test_unknown_model_lists_the_options():
     assert "Could not find 'model/nope'" in proc.stderr
     for name in options("model"):
         assert name in proc.stderr  # Hydra lists the available options
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_compose_and_instantiate(compose_cfg, name):
+    cfg = compose_cfg(f"+experiment={name}")
+    model = instantiate(cfg.model)
+    assert model.num_classes == cfg.dataset.num_classes
+    schedule = instantiate(cfg.schedule)(cfg.optimizer.learning_rate, 100)
+    tx = instantiate(cfg.optimizer)(learning_rate=schedule)
+    assert isinstance(tx, optax.GradientTransformation)

@@ -20,6 +20,8 @@ class BlockNet(nn.Module):
     blocks: Sequence[Sequence[int]] = ((16, 32), (16, 32), (16, 32))  # 3x3 conv widths per block
     transition_width: int = 16  # channels of the 1x1 squeeze after each pool
     padding: int = 1  # of the 3x3 convs; 0 shrinks the map by 2 per conv, as in the notes
+    batch_norm: bool = False  # BatchNorm after every conv but the classifier (convs lose bias)
+    dropout: float = 0.0  # before the classifier
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -27,8 +29,18 @@ class BlockNet(nn.Module):
         for b, widths in enumerate(self.blocks, start=1):
             if b > 1:
                 x = MaxPool(2, name=f"transition{b - 1}_pool")(x)
-                x = ReLU()(conv(self.transition_width, 1, name=f"transition{b - 1}_conv")(x))
+                x = self._conv_bn_relu(
+                    x, self.transition_width, 1, 0, f"transition{b - 1}_conv", train
+                )
             for i, width in enumerate(widths, start=1):
-                x = ReLU()(conv(width, 3, padding=self.padding, name=f"block{b}_conv{i}")(x))
+                x = self._conv_bn_relu(x, width, 3, self.padding, f"block{b}_conv{i}", train)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = conv(self.num_classes, 1, name="classifier")(x)
         return GlobalAvgPool()(x)
+
+    def _conv_bn_relu(self, x, features: int, kernel: int, padding: int, name: str, train: bool):
+        if not self.batch_norm:
+            return ReLU()(conv(features, kernel, padding=padding, name=name)(x))
+        x = conv(features, kernel, padding=padding, use_bias=False, name=name)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"{name}_bn")(x)
+        return ReLU()(x)
