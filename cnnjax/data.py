@@ -243,10 +243,13 @@ def make_augment(crop_padding: int = 0, flip: bool = False) -> Callable | None:
     return augment
 
 
-def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Shuffled index batches of one epoch; the incomplete last batch is dropped."""
+def epoch_batches(
+    n: int, batch_size: int, rng: np.random.Generator, skip: int = 0
+) -> Iterator[np.ndarray]:
+    """Shuffled index batches of one epoch, after the first `skip` (a resumed epoch); the
+    incomplete last batch is dropped."""
     order = rng.permutation(n)
-    for start in range(0, n - batch_size + 1, batch_size):
+    for start in range(skip * batch_size, n - batch_size + 1, batch_size):
         yield order[start : start + batch_size]
 
 

@@ -34,6 +34,16 @@ def create_train_state(
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, model_state=variables)
 
 
+def all_finite(tree: Any) -> jnp.ndarray:
+    """True when every floating-point value of `tree` is finite (one device reduction)."""
+    leaves = [
+        jnp.isfinite(a).all()
+        for a in jax.tree.leaves(tree)
+        if jnp.issubdtype(a.dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.array(leaves))
+
+
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 

@@ -1,8 +1,11 @@
 """`python -m cnnjax.train [overrides]`: wire config -> model, data, optimizer; loop; write the run.
 
 The run directory (Hydra's) gets `config.yaml` (resolved), `metrics.jsonl` (one JSON object per
-fetch: train lines every `trainer.log_every` steps, test lines after evaluations) and
-`summary.json`, which is rewritten with `status` "failed" or "diverged" when a run stops early.
+fetch: train lines every `trainer.log_every` steps, test lines after evaluations), TensorBoard
+events, `checkpoints/` (orbax: every `trainer.checkpoint_every` steps, every epoch end and the
+last step) and `summary.json`, whose `status` is "completed", "interrupted" (SIGTERM/Ctrl-C,
+after a checkpoint), "diverged" or "failed". Running the same command in the same directory
+resumes from the latest checkpoint and ends exactly as an uninterrupted run would.
 """
 
 import functools
@@ -10,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -22,9 +26,10 @@ import tensorflow_datasets as tfds
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from cnnjax import analysis, data, engine
+from cnnjax import analysis, checkpoint, data, engine
 
 log = logging.getLogger("cnnjax.train")
 COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
@@ -32,6 +37,10 @@ COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; para
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C: a checkpoint was saved and the run stops cleanly."""
 
 
 def load_dataset(cfg: DictConfig) -> tuple[data.Split, data.Split]:
@@ -51,20 +60,59 @@ def load_dataset(cfg: DictConfig) -> tuple[data.Split, data.Split]:
 
 
 class RunWriter:
-    """The side effects of a run: metrics lines, the summary and the log."""
+    """The side effects of a run: metrics lines, TensorBoard events and the summary."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.events = SummaryWriter(str(run_dir))  # TensorBoard: tensorboard --logdir outputs
 
     def metrics(self, **row) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key not in ("step", "epoch", "split") and value is not None:
+                self.events.add_scalar(f"{row['split']}/{key}", value, row["step"])
+        self.events.flush()
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop the lines of steps after `after_step` (a resumed run writes them again)."""
+        if self.metrics_path.exists():
+            lines = self.metrics_path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if json.loads(line)["step"] <= after_step]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.metrics_path)
 
     def summary(self, **fields) -> None:
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(fields, indent=2) + "\n")
         tmp.replace(self.run_dir / "summary.json")  # atomic: never a half-written summary
+
+    def close(self) -> None:
+        self.events.close()
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C set `signal` for the loop to checkpoint and stop at the next step; a
+    second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def evaluate(eval_fn, state: engine.TrainState, split: data.Split, batch_size: int) -> dict:
@@ -93,8 +141,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     }
     writer.summary(**summary)
     try:
-        summary |= train_and_evaluate(cfg, writer)
+        with StopSignals() as stop:
+            summary |= train_and_evaluate(cfg, writer, stop)
         summary["status"] = "completed"
+    except Interrupted as e:
+        summary |= {"status": "interrupted", "error": str(e)}
+        log.warning("%s; run the same command again to resume", e)
     except Diverged as e:
         summary |= {"status": "diverged", "error": str(e)}
         log.error(str(e))
@@ -105,21 +157,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         summary["total_wall_s"] = round(time.perf_counter() - start, 2)
         writer.summary(**summary)
-    log.info(
-        "test accuracy %.4f (loss %.4f) after %d steps, %.1f epochs, %.1f s; run dir %s",
-        summary["test_accuracy"],
-        summary["test_loss"],
-        summary["steps"],
-        summary["epochs"],
-        summary["total_wall_s"],
-        run_dir,
-    )
+        writer.close()
+    if summary["status"] == "completed":
+        log.info(
+            "test accuracy %.4f (loss %.4f) after %d steps, %.1f epochs, %.1f s; run dir %s",
+            summary["test_accuracy"],
+            summary["test_loss"],
+            summary["steps"],
+            summary["epochs"],
+            summary["total_wall_s"],
+            run_dir,
+        )
     return summary
 
 
-def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
-    """The loop; returns the summary fields it measured."""
+def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) -> dict:
+    """Set up from `cfg`, resume from the run directory's checkpoints when there are any, and
+    loop; returns the summary fields it measured."""
     t, ds = cfg.trainer, cfg.dataset
+    if t.precision not in COMPUTE_DTYPES:
+        raise ValueError(f"trainer.precision={t.precision!r}: use one of {sorted(COMPUTE_DTYPES)}")
     if not t.progress:
         tfds.disable_progress_bar()
     model = instantiate(cfg.model)
@@ -145,8 +202,10 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
     table = analysis.analyze(model, (1, *target_hwc))  # bad geometry fails here, by layer name
     for warning in table.warnings:
         log.warning(warning)
-    init_rng, dropout_rng = jax.random.split(jax.random.key(t.seed))
+    init_rng, rng = jax.random.split(jax.random.key(t.seed))
     state = engine.create_train_state(model, tx, (1, *target_hwc), init_rng)
+    checkpoints = checkpoint.Checkpoints(writer.run_dir / "checkpoints", t.keep_checkpoints)
+    state, rng, progress = resume(checkpoints, state, rng, t.resume, writer)
     n_params = engine.count_params(state.params)
     final = table.rows[-1]
     log.info(
@@ -162,9 +221,7 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
         steps_per_epoch,
         t.batch_size,
     )
-    if t.precision not in COMPUTE_DTYPES:
-        raise ValueError(f"trainer.precision={t.precision!r}: use one of {sorted(COMPUTE_DTYPES)}")
-    augment = data.make_augment(**ds.augment)
+    augment = data.make_augment(**(ds.get("augment") or {}))
     train_step = jax.jit(
         functools.partial(
             engine.train_step,
@@ -177,67 +234,109 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
     )
     eval_step = jax.jit(functools.partial(engine.eval_step, preprocess=preprocess))
 
-    shuffle_rng = np.random.default_rng(t.seed)
-    step, compile_s, pending = 0, None, []
+    step = int(state.step)
+    # metrics of steps not yet logged, carried over when an interrupted run saved them
+    pending = [{k: np.float32(v) for k, v in m.items()} for m in progress.pop("pending", [])]
+    compile_s, window_images, rates = None, 0, []
     train_start = window_start = time.perf_counter()
-    window_images, images_per_s = 0, []
-    best = {"accuracy": -1.0}
-    test = None
-    bar = tqdm(total=total_steps, disable=not t.progress, unit="step", dynamic_ncols=True)
-    for epoch in range(1, n_epochs + 1):
-        for idx in data.epoch_batches(n_train, t.batch_size, shuffle_rng):
-            batch = {
-                "image": train_split.images_NxHxWxC[idx],
-                "label": train_split.labels_N[idx],
-            }
-            state, metrics = train_step(state, batch, dropout_rng)
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not t.progress, unit="step", dynamic_ncols=True
+    )
+
+    def diverged(what: str) -> Diverged:
+        good = checkpoints.steps()
+        last = (
+            f"The last good checkpoint is step {good[-1]} in {checkpoints.directory}."
+            if good
+            else "No checkpoint was written before it."
+        )
+        return Diverged(
+            f"Training diverged: {what}. The learning rate ({cfg.optimizer.learning_rate}) is "
+            f"the likely cause: lower it (optimizer.learning_rate=...) or add warm-up. {last}"
+        )
+
+    def flush() -> None:
+        """Fetch the pending metrics (the only host sync), check them, write a train line."""
+        nonlocal pending, window_images, window_start
+        if not pending:
+            return
+        pending = jax.device_get(pending)
+        row = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        now = time.perf_counter()
+        rate = window_images / (now - window_start) if window_images else None
+        if not math.isfinite(row["loss"]):
+            raise diverged(
+                f"the mean loss of steps {step - len(pending) + 1}-{step} is {row['loss']}"
+            )
+        if rate is not None:
+            rates.append(rate)
+        writer.metrics(
+            step=step,
+            epoch=round(step / steps_per_epoch, 4),
+            split="train",
+            **row,
+            learning_rate=float(schedule(step)),
+            images_per_s=None if rate is None else round(rate, 1),
+        )
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}", img_s=f"{rate or 0:,.0f}"
+        )
+        pending, window_images, window_start = [], 0, now
+
+    def save(**extra) -> None:
+        """Checkpoint the state, unless an update made it non-finite: the last one stays good."""
+        if not engine.all_finite(state.params):
+            raise diverged(f"the parameters after step {step} are not finite")
+        checkpoints.save(state, rng, {"step": step, **progress, **extra})
+
+    for epoch in range(step // steps_per_epoch + 1, n_epochs + 1):
+        if step >= total_steps:  # resumed from the final checkpoint
+            break
+        done = step - (epoch - 1) * steps_per_epoch  # batches of this epoch already trained on
+        order = np.random.default_rng([t.seed, epoch])  # the data order is a function of the epoch
+        for idx in data.epoch_batches(n_train, t.batch_size, order, skip=done):
+            batch = {"image": train_split.images_NxHxWxC[idx], "label": train_split.labels_N[idx]}
+            state, metrics = train_step(state, batch, rng)
             step += 1
             bar.update()
+            pending.append(metrics)
             if compile_s is None:  # the first call compiles; time it apart from throughput
                 jax.block_until_ready(metrics)
                 compile_s = time.perf_counter() - train_start
                 window_start = time.perf_counter()
-                continue
-            pending.append(metrics)
-            window_images += t.batch_size
-            if step % t.log_every == 0 or step == total_steps:
-                row = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in metrics}
-                rate = window_images / (time.perf_counter() - window_start)
-                images_per_s.append(rate)
-                if not math.isfinite(row["loss"]):
-                    raise Diverged(
-                        f"Training diverged: the mean loss of steps {step - len(pending) + 1}-"
-                        f"{step} is {row['loss']}. The learning rate "
-                        f"({cfg.optimizer.learning_rate}) is the likely cause: lower it "
-                        "(e.g. optimizer.learning_rate=...) or add warm-up."
+            else:
+                window_images += t.batch_size
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if step % t.log_every == 0 or step % t.checkpoint_every == 0 or epoch_end:
+                flush()
+            if step % t.checkpoint_every == 0 and not epoch_end:
+                save()
+            if stop.signal and not epoch_end:  # keep unlogged metrics: the resumed log is the same
+                pending = jax.device_get(pending)
+                if not math.isfinite(np.mean([m["loss"] for m in pending] or [0.0])):
+                    raise diverged(
+                        f"the loss of steps {step - len(pending) + 1}-{step} is not finite"
                     )
-                writer.metrics(
-                    step=step,
-                    epoch=round(step / steps_per_epoch, 4),
-                    split="train",
-                    **row,
-                    learning_rate=float(schedule(step)),
-                    images_per_s=round(rate, 1),
-                )
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}", img_s=f"{rate:,.0f}"
-                )
-                pending, window_images, window_start = [], 0, time.perf_counter()
+                save(pending=[{k: float(v) for k, v in m.items()} for m in pending])
+                raise Interrupted(f"stopped by {stop.signal} at step {step}; checkpoint saved")
             if step == total_steps:
                 break
         if epoch % t.eval_every == 0 or step == total_steps:
             test = evaluate(eval_step, state, test_split, t.eval_batch_size)
             writer.metrics(step=step, epoch=round(step / steps_per_epoch, 4), split="test", **test)
-            if test["accuracy"] > best["accuracy"]:
-                best = {"accuracy": test["accuracy"], "epoch": epoch}
+            progress["test"] = test
+            if test["accuracy"] > progress["best_test_accuracy"]:
+                progress |= {"best_test_accuracy": test["accuracy"], "best_epoch": epoch}
             bar.write(
                 f"epoch {epoch}: test loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f}"
             )
             window_start = time.perf_counter()  # evaluation is not training throughput
-        if step == total_steps:
-            break
+        save()  # every epoch end, after its evaluation
+        if stop.signal and step < total_steps:
+            raise Interrupted(f"stopped by {stop.signal} at step {step}; checkpoint saved")
     bar.close()
-    train_wall_s = time.perf_counter() - train_start
+    checkpoints.close()
+    test = progress["test"] or evaluate(eval_step, state, test_split, t.eval_batch_size)
     return {
         "params": n_params,
         "macs": table.totals.macs,
@@ -248,19 +347,51 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter) -> dict:
         "input_adaptation": adaptation,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "best_test_accuracy": best["accuracy"],
-        "best_epoch": best.get("epoch"),
-        "compile_s": round(compile_s, 2),
-        "images_per_s": round(float(np.median(images_per_s)), 1) if images_per_s else None,
-        "train_wall_s": round(train_wall_s, 2),
+        "best_test_accuracy": progress["best_test_accuracy"],
+        "best_epoch": progress["best_epoch"],
+        "compile_s": None if compile_s is None else round(compile_s, 2),
+        "images_per_s": round(float(np.median(rates)), 1) if rates else None,
+        "train_wall_s": round(time.perf_counter() - train_start, 2),
     }
+
+
+def resume(
+    checkpoints: checkpoint.Checkpoints,
+    state: engine.TrainState,
+    rng: jax.Array,
+    allowed: bool,
+    writer: RunWriter,
+) -> tuple[engine.TrainState, jax.Array, dict]:
+    """The latest checkpoint of the run directory, if any, with the progress it recorded; the
+    metrics written after it are dropped (the resumed run writes them again)."""
+    fresh = {"best_test_accuracy": -1.0, "best_epoch": None, "test": None}
+    steps = checkpoints.steps()
+    if not steps:
+        return state, rng, fresh
+    if not allowed:
+        raise ValueError(
+            f"{writer.run_dir} already holds checkpoints (steps {steps}) and trainer.resume is "
+            "false: set trainer.resume=true to continue from them, or choose another "
+            "hydra.run.dir to start over"
+        )
+    restored = checkpoints.restore_latest(state, rng)
+    if restored is None:
+        raise RuntimeError(
+            f"none of the checkpoints in {writer.run_dir}/checkpoints (steps {steps}) can be "
+            "read; delete that directory to start over"
+        )
+    state, rng, meta = restored
+    step = meta.pop("step")
+    writer.truncate_metrics(after_step=step)
+    log.info("resuming from the checkpoint at step %d in %s", step, writer.run_dir)
+    return state, rng, fresh | meta
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Entry point; returns the test accuracy (the objective of sweeps)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run(cfg, run_dir)["test_accuracy"]
+    return run(cfg, run_dir).get("test_accuracy", math.nan)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,27 @@ def test_cli_run_writes_config_metrics_and_summary(tmp_path, idx_dir):
     config = (run_dir / "config.yaml").read_text()
     assert "${" not in config and str(idx_dir) in config  # resolved
     assert "test accuracy" in proc.stdout  # the final line, logged
+    scalars = read_events(run_dir)
+    assert [step for step, tag, _ in scalars if tag == "train/loss"] == [4, 8, 12]
+    assert {"train/accuracy", "train/learning_rate", "train/images_per_s", "test/accuracy"} <= {
+        tag for _, tag, _ in scalars
+    }
+    assert (12, "test/accuracy", pytest.approx(summary["test_accuracy"])) in scalars
+
+
+def read_events(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of the TensorBoard scalars in `run_dir`, read with the bare protobufs."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord: length (8), crc (4), payload, crc (4)
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+            i += 12 + n + 4
+    return out
 
 
 def test_same_seed_same_result_and_it_learns(tmp_path, idx_dir, compose_cfg, monkeypatch):
