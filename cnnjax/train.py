@@ -9,7 +9,6 @@ resumes from the latest checkpoint and ends exactly as an uninterrupted run woul
 """
 
 import functools
-import json
 import logging
 import math
 import os
@@ -26,10 +25,10 @@ import tensorflow_datasets as tfds
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from cnnjax import analysis, checkpoint, data, engine
+from cnnjax.artifacts import RunWriter
 
 log = logging.getLogger("cnnjax.train")
 COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
@@ -57,40 +56,6 @@ def load_dataset(cfg: DictConfig) -> tuple[data.Split, data.Split]:
     return data.load_split(ds.name, ds.train_split, **kw), data.load_split(
         ds.name, ds.test_split, **kw
     )
-
-
-class RunWriter:
-    """The side effects of a run: metrics lines, TensorBoard events and the summary."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.events = SummaryWriter(str(run_dir))  # TensorBoard: tensorboard --logdir outputs
-
-    def metrics(self, **row) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key not in ("step", "epoch", "split") and value is not None:
-                self.events.add_scalar(f"{row['split']}/{key}", value, row["step"])
-        self.events.flush()
-
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop the lines of steps after `after_step` (a resumed run writes them again)."""
-        if self.metrics_path.exists():
-            lines = self.metrics_path.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-            tmp = self.metrics_path.with_suffix(".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(self.metrics_path)
-
-    def summary(self, **fields) -> None:
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(fields, indent=2) + "\n")
-        tmp.replace(self.run_dir / "summary.json")  # atomic: never a half-written summary
-
-    def close(self) -> None:
-        self.events.close()
 
 
 class StopSignals:
@@ -193,7 +158,6 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
             f"trainer.batch_size={t.batch_size} exceeds the {n_train} training examples; lower it."
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
     schedule = instantiate(cfg.schedule)(cfg.optimizer.learning_rate, total_steps)
     tx = instantiate(cfg.optimizer)(learning_rate=schedule)
     if t.grad_clip_norm:
@@ -234,125 +198,175 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
     )
     eval_step = jax.jit(functools.partial(engine.eval_step, preprocess=preprocess))
 
-    step = int(state.step)
-    # metrics of steps not yet logged, carried over when an interrupted run saved them
-    pending = [{k: np.float32(v) for k, v in m.items()} for m in progress.pop("pending", [])]
-    compile_s, window_images, rates = None, 0, []
-    train_start = window_start = time.perf_counter()
-    bar = tqdm(
-        total=total_steps, initial=step, disable=not t.progress, unit="step", dynamic_ncols=True
-    )
-
-    def diverged(what: str) -> Diverged:
-        good = checkpoints.steps()
-        last = (
-            f"The last good checkpoint is step {good[-1]} in {checkpoints.directory}."
-            if good
-            else "No checkpoint was written before it."
-        )
-        return Diverged(
-            f"Training diverged: {what}. The learning rate ({cfg.optimizer.learning_rate}) is "
-            f"the likely cause: lower it (optimizer.learning_rate=...) or add warm-up. {last}"
-        )
-
-    def flush() -> None:
-        """Fetch the pending metrics (the only host sync), check them, write a train line."""
-        nonlocal pending, window_images, window_start
-        if not pending:
-            return
-        pending = jax.device_get(pending)
-        row = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
-        now = time.perf_counter()
-        rate = window_images / (now - window_start) if window_images else None
-        if not math.isfinite(row["loss"]):
-            raise diverged(
-                f"the mean loss of steps {step - len(pending) + 1}-{step} is {row['loss']}"
-            )
-        if rate is not None:
-            rates.append(rate)
-        writer.metrics(
-            step=step,
-            epoch=round(step / steps_per_epoch, 4),
-            split="train",
-            **row,
-            learning_rate=float(schedule(step)),
-            images_per_s=None if rate is None else round(rate, 1),
-        )
-        bar.set_postfix(
-            loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}", img_s=f"{rate or 0:,.0f}"
-        )
-        pending, window_images, window_start = [], 0, now
-
-    def save(**extra) -> None:
-        """Checkpoint the state, unless an update made it non-finite: the last one stays good."""
-        if not engine.all_finite(state.params):
-            raise diverged(f"the parameters after step {step} are not finite")
-        checkpoints.save(state, rng, {"step": step, **progress, **extra})
-
-    for epoch in range(step // steps_per_epoch + 1, n_epochs + 1):
-        if step >= total_steps:  # resumed from the final checkpoint
-            break
-        done = step - (epoch - 1) * steps_per_epoch  # batches of this epoch already trained on
-        order = np.random.default_rng([t.seed, epoch])  # the data order is a function of the epoch
-        for idx in data.epoch_batches(n_train, t.batch_size, order, skip=done):
-            batch = {"image": train_split.images_NxHxWxC[idx], "label": train_split.labels_N[idx]}
-            state, metrics = train_step(state, batch, rng)
-            step += 1
-            bar.update()
-            pending.append(metrics)
-            if compile_s is None:  # the first call compiles; time it apart from throughput
-                jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - train_start
-                window_start = time.perf_counter()
-            else:
-                window_images += t.batch_size
-            epoch_end = step % steps_per_epoch == 0 or step == total_steps
-            if step % t.log_every == 0 or step % t.checkpoint_every == 0 or epoch_end:
-                flush()
-            if step % t.checkpoint_every == 0 and not epoch_end:
-                save()
-            if stop.signal and not epoch_end:  # keep unlogged metrics: the resumed log is the same
-                pending = jax.device_get(pending)
-                if not math.isfinite(np.mean([m["loss"] for m in pending] or [0.0])):
-                    raise diverged(
-                        f"the loss of steps {step - len(pending) + 1}-{step} is not finite"
-                    )
-                save(pending=[{k: float(v) for k, v in m.items()} for m in pending])
-                raise Interrupted(f"stopped by {stop.signal} at step {step}; checkpoint saved")
-            if step == total_steps:
-                break
-        if epoch % t.eval_every == 0 or step == total_steps:
-            test = evaluate(eval_step, state, test_split, t.eval_batch_size)
-            writer.metrics(step=step, epoch=round(step / steps_per_epoch, 4), split="test", **test)
-            progress["test"] = test
-            if test["accuracy"] > progress["best_test_accuracy"]:
-                progress |= {"best_test_accuracy": test["accuracy"], "best_epoch": epoch}
-            bar.write(
-                f"epoch {epoch}: test loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f}"
-            )
-            window_start = time.perf_counter()  # evaluation is not training throughput
-        save()  # every epoch end, after its evaluation
-        if stop.signal and step < total_steps:
-            raise Interrupted(f"stopped by {stop.signal} at step {step}; checkpoint saved")
-    bar.close()
-    checkpoints.close()
-    test = progress["test"] or evaluate(eval_step, state, test_split, t.eval_batch_size)
+    loop = Loop(cfg.trainer, cfg.optimizer.learning_rate, schedule, writer, stop, checkpoints)
+    loop.run(state, rng, progress, (train_step, eval_step), (train_split, test_split), total_steps)
     return {
         "params": n_params,
         "macs": table.totals.macs,
         "receptive_field": list(final.rf),
-        "steps": step,
-        "epochs": round(step / steps_per_epoch, 4),
-        "batch_size": t.batch_size,
         "input_adaptation": adaptation,
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "best_test_accuracy": progress["best_test_accuracy"],
-        "best_epoch": progress["best_epoch"],
-        "compile_s": None if compile_s is None else round(compile_s, 2),
-        "images_per_s": round(float(np.median(rates)), 1) if rates else None,
-        "train_wall_s": round(time.perf_counter() - train_start, 2),
+        **loop.results(),
     }
+
+
+class Loop:
+    """The training loop's moving parts: the state, the step, the metrics not yet fetched, the
+    timing. Side effects go to the writer (metrics) and the checkpoints."""
+
+    def __init__(
+        self,
+        trainer: DictConfig,
+        learning_rate: float,
+        schedule: optax.Schedule,
+        writer: RunWriter,
+        stop: StopSignals,
+        checkpoints: checkpoint.Checkpoints,
+    ):
+        self.t, self.lr, self.schedule = trainer, learning_rate, schedule
+        self.writer, self.stop, self.checkpoints = writer, stop, checkpoints
+        self.compile_s, self.window_images, self.rates = None, 0, []
+        self.start = self.window_start = time.perf_counter()
+
+    def run(
+        self, state, rng, progress: dict, steps: tuple, splits: tuple, total_steps: int
+    ) -> None:
+        """Train from `state` (with the `progress` its checkpoint recorded) to `total_steps`,
+        evaluating and checkpointing; `steps` are the jitted train and eval steps."""
+        (train_step, eval_step), (train_split, test_split) = steps, splits
+        t, n_train = self.t, len(train_split.labels_N)
+        self.state, self.rng, self.progress = state, rng, progress
+        self.step, self.total_steps = int(state.step), total_steps
+        spe = self.steps_per_epoch = n_train // t.batch_size
+        # metrics of steps not yet logged, carried over when an interrupted run saved them
+        carried = self.progress.pop("pending", [])
+        self.pending = [{k: np.float32(v) for k, v in m.items()} for m in carried]
+        self.eval = lambda: evaluate(eval_step, self.state, test_split, t.eval_batch_size)
+        self.bar = tqdm(
+            total=total_steps, initial=self.step, disable=not t.progress, unit="step",
+            dynamic_ncols=True,
+        )  # fmt: skip
+        for epoch in range(self.step // spe + 1, math.ceil(total_steps / spe) + 1):
+            if self.step >= total_steps:  # resumed from the final checkpoint
+                break
+            done = self.step - (epoch - 1) * spe  # batches of this epoch already trained on
+            order = np.random.default_rng([t.seed, epoch])  # the order is a function of the epoch
+            for idx in data.epoch_batches(n_train, t.batch_size, order, skip=done):
+                images, labels = train_split.images_NxHxWxC[idx], train_split.labels_N[idx]
+                self.state, metrics = train_step(
+                    self.state, {"image": images, "label": labels}, self.rng
+                )
+                self.after_step(metrics)
+                if self.step == total_steps:
+                    break
+            if epoch % t.eval_every == 0 or self.step == total_steps:
+                self.evaluate(epoch)
+            self.save()  # every epoch end, after its evaluation
+            if self.stop.signal and self.step < total_steps:
+                raise Interrupted(
+                    f"stopped by {self.stop.signal} at step {self.step}; checkpoint saved"
+                )
+        self.bar.close()
+        self.checkpoints.close()
+
+    def after_step(self, metrics: dict) -> None:
+        """Count the step; fetch, log and checkpoint where due; stop when a signal came."""
+        t, step = self.t, self.step + 1
+        self.step = step
+        self.bar.update()
+        self.pending.append(metrics)
+        if self.compile_s is None:  # the first call compiles; time it apart from throughput
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - self.start
+            self.window_start = time.perf_counter()
+        else:
+            self.window_images += t.batch_size
+        epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
+        if step % t.log_every == 0 or step % t.checkpoint_every == 0 or epoch_end:
+            self.flush()
+        if step % t.checkpoint_every == 0 and not epoch_end:
+            self.save()
+        if self.stop.signal and not epoch_end:  # keep unlogged metrics: the resumed log is the same
+            pending = self.fetch()
+            self.save(pending=[{k: float(v) for k, v in m.items()} for m in pending])
+            raise Interrupted(f"stopped by {self.stop.signal} at step {step}; checkpoint saved")
+
+    def fetch(self) -> list[dict]:
+        """The pending metrics on the host (the only host sync); a non-finite loss stops here."""
+        self.pending = jax.device_get(self.pending)
+        loss = float(np.mean([m["loss"] for m in self.pending])) if self.pending else 0.0
+        if not math.isfinite(loss):
+            first = self.step - len(self.pending) + 1
+            raise self.diverged(f"the mean loss of steps {first}-{self.step} is {loss}")
+        return self.pending
+
+    def flush(self) -> None:
+        """Fetch and check the pending metrics, write a train line."""
+        if not self.pending:
+            return
+        pending = self.fetch()
+        row = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        now = time.perf_counter()
+        rate = self.window_images / (now - self.window_start) if self.window_images else None
+        if rate is not None:
+            self.rates.append(rate)
+        self.writer.metrics(
+            step=self.step,
+            epoch=round(self.step / self.steps_per_epoch, 4),
+            split="train",
+            **row,
+            learning_rate=float(self.schedule(self.step)),
+            images_per_s=None if rate is None else round(rate, 1),
+        )
+        self.bar.set_postfix(
+            loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}", img_s=f"{rate or 0:,.0f}"
+        )
+        self.pending, self.window_images, self.window_start = [], 0, now
+
+    def evaluate(self, epoch: int) -> None:
+        test = self.eval()
+        self.writer.metrics(
+            step=self.step, epoch=round(self.step / self.steps_per_epoch, 4), split="test", **test
+        )
+        self.progress["test"] = test
+        if test["accuracy"] > self.progress["best_test_accuracy"]:
+            self.progress |= {"best_test_accuracy": test["accuracy"], "best_epoch": epoch}
+        self.bar.write(
+            f"epoch {epoch}: test loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f}"
+        )
+        self.window_start = time.perf_counter()  # evaluation is not training throughput
+
+    def save(self, **extra) -> None:
+        """Checkpoint the state, unless an update made it non-finite: the last one stays good."""
+        if not engine.all_finite(self.state.params):
+            raise self.diverged(f"the parameters after step {self.step} are not finite")
+        self.checkpoints.save(self.state, self.rng, {"step": self.step, **self.progress, **extra})
+
+    def diverged(self, what: str) -> "Diverged":
+        good = self.checkpoints.steps()
+        last = (
+            f"The last good checkpoint is step {good[-1]} in {self.checkpoints.directory}."
+            if good
+            else "No checkpoint was written before it."
+        )
+        return Diverged(
+            f"Training diverged: {what}. The learning rate ({self.lr}) is the likely cause: "
+            f"lower it (optimizer.learning_rate=...) or add warm-up. {last}"
+        )
+
+    def results(self) -> dict:
+        test = self.progress["test"] or self.eval()
+        return {
+            "steps": self.step,
+            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "batch_size": self.t.batch_size,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "best_test_accuracy": self.progress["best_test_accuracy"],
+            "best_epoch": self.progress["best_epoch"],
+            "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
+            "images_per_s": round(float(np.median(self.rates)), 1) if self.rates else None,
+            "train_wall_s": round(time.perf_counter() - self.start, 2),
+        }
 
 
 def resume(
