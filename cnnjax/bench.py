@@ -1,0 +1,156 @@
+"""`python -m cnnjax.bench model=<name> [bench.batch_size=128] [bench.steps=30]
+[bench.reference=torch|null]`: train-step and eval throughput of cnnjax and, when torch is
+installed, of the same network in PyTorch, timed in alternating windows in one process.
+
+Both sides train on the same synthetic uint8 batch (scaled to [0, 1] inside the step), with the
+configured optimizer (SGD with momentum by default) and softmax cross-entropy. Images/s are the
+median over `bench.windows` windows of `bench.steps` steps after warm-up; compile time is
+reported apart. Writes `bench.output` (JSON).
+"""
+
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cnnjax import analysis, engine
+
+
+def _window(step: Callable[[], object], steps: int, batch_size: int) -> float:
+    """Images/s of `steps` calls; `step` returns something to wait on."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def cnnjax_runners(model, tx, shape: tuple, num_classes: int) -> tuple[Callable, Callable, float]:
+    """A train step and an eval step on a fixed batch, and the first train call's seconds
+    (trace + compile + one step)."""
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, num_classes, shape[0]).astype(np.int32)),
+        "mask": jnp.ones(shape[0], jnp.float32),
+    }
+    preprocess = _scale
+    state = engine.create_train_state(model, tx, (1, *shape[1:]), jax.random.key(0))
+    train = jax.jit(functools.partial(engine.train_step, preprocess=preprocess), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(engine.eval_step, preprocess=preprocess))
+    key = jax.random.key(1)
+    holder = {"state": state}
+
+    def train_step():
+        holder["state"], metrics = train(holder["state"], batch, key)
+        return metrics
+
+    start = time.perf_counter()
+    jax.block_until_ready(train_step())
+    compile_s = time.perf_counter() - start
+    return train_step, lambda: evaluate(holder["state"], batch), compile_s
+
+
+def _scale(images):
+    return images.astype(jnp.float32) / 255.0
+
+
+def torch_runners(model, variables, table, shape: tuple, num_classes: int, optimizer_cfg):
+    """The PyTorch twin's train and eval steps on the same kind of batch (NCHW)."""
+    import torch
+
+    from cnnjax import torch_twin
+
+    net = torch_twin.build(table, variables)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(rng.integers(0, num_classes, shape[0]).astype(np.int64))
+    opt = torch.optim.SGD(
+        net.parameters(),
+        lr=optimizer_cfg.learning_rate,
+        momentum=optimizer_cfg.get("momentum") or 0.0,
+        nesterov=bool(optimizer_cfg.get("nesterov")),
+    )
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train_step():
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(images.float() / 255.0), labels)
+        loss.backward()
+        opt.step()
+        return None
+
+    @torch.no_grad()
+    def eval_step():
+        net.eval()
+        return net(images.float() / 255.0).argmax(-1).eq(labels).sum()
+
+    return train_step, eval_step, torch.get_num_threads()
+
+
+def measure(cfg: DictConfig) -> dict:
+    """The benchmark as a dict (also what `bench.output` gets)."""
+    b = cfg.bench
+    model = instantiate(cfg.model)
+    shape = analysis.summary_input_shape(model, b.batch_size)
+    table = analysis.analyze(model, shape)
+    tx = instantiate(cfg.optimizer)()  # with its configured learning rate
+    train_jax, eval_jax, compile_s = cnnjax_runners(model, tx, shape, cfg.dataset.num_classes)
+    runners = {"cnnjax": (train_jax, eval_jax)}
+    result = {
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "batch_size": b.batch_size,
+        "device": str(jax.devices()[0].device_kind),
+        "jax_version": jax.__version__,
+        "compile_s": round(compile_s, 3),
+        "macs_per_image": table.totals.macs,
+    }
+    if b.reference == "torch":
+        import torch
+
+        variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros(shape)))
+        train_t, eval_t, threads = torch_runners(
+            model, variables, table, shape, cfg.dataset.num_classes, cfg.optimizer
+        )
+        runners["torch"] = (train_t, eval_t)
+        result |= {"torch_version": torch.__version__, "torch_threads": threads}
+    rates = {(name, kind): [] for name in runners for kind in ("train", "eval")}
+    for train, evaluate in runners.values():  # warm-up
+        _window(train, b.warmup, b.batch_size)
+        _window(evaluate, b.warmup, b.batch_size)
+    for _ in range(b.windows):  # alternating, so that drift hits every side alike
+        for name, (train, evaluate) in runners.items():
+            rates[name, "train"].append(_window(train, b.steps, b.batch_size))
+            rates[name, "eval"].append(_window(evaluate, b.steps, b.batch_size))
+    for (name, kind), values in rates.items():
+        result[f"{name}_{kind}_img_s"] = round(statistics.median(values), 1)
+    result["train_gflops"] = round(6 * table.totals.macs * result["cnnjax_train_img_s"] / 1e9, 3)
+    if "torch" in runners:
+        result["ratio"] = round(result["cnnjax_train_img_s"] / result["torch_train_img_s"], 3)
+        result["eval_ratio"] = round(result["cnnjax_eval_img_s"] / result["torch_eval_img_s"], 3)
+    result["mfu"] = None  # against the device's peak: on GPUs only (not measured on CPU)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    result = measure(cfg)
+    Path(cfg.bench.output).write_text(json.dumps(result, indent=2) + "\n")
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    print(f"written to {cfg.bench.output}")
+
+
+if __name__ == "__main__":
+    main()
