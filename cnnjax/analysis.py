@@ -107,17 +107,9 @@ class Window:
     groups: int = 1
 
 
-def _pair(v: int | Sequence[int] | None, default: int = 1) -> Pair:
-    if v is None:
-        return (default, default)
-    if isinstance(v, int):
-        return (v, v)
-    return (int(v[0]), int(v[1]))
-
-
 def _conv_window(m: nn.Conv, in_hw: Pair, name: str) -> Window:
-    kernel, stride = _pair(m.kernel_size), _pair(m.strides)
-    dilation = _pair(m.kernel_dilation)
+    kernel, stride = geometry.as_pair(m.kernel_size), geometry.as_pair(m.strides)
+    dilation = geometry.as_pair(m.kernel_dilation)
     pad = m.padding
     if isinstance(pad, str | int):
         per_axis = [pad, pad]
@@ -138,7 +130,7 @@ def _pool_window(m: layers.MaxPool | layers.AvgPool) -> Window:
 def window_of(module: nn.Module, in_hw: Pair, name: str) -> Window | None:
     """The sliding window of a 2-D conv or pool, None for other layers."""
     if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
-        if _pair(module.input_dilation) != (1, 1):
+        if geometry.as_pair(module.input_dilation) != (1, 1):
             return None
         return _conv_window(module, in_hw, name)
     if isinstance(module, layers.MaxPool | layers.AvgPool):
@@ -313,7 +305,7 @@ def _through_window(
 def _check_row_params(module: nn.Module, name: str, in_shape: Sequence[int], params: int) -> None:
     """The formula parameter count of a conv or dense layer against its real variables."""
     if isinstance(module, nn.Conv) and len(in_shape) == 4:
-        kernel = _pair(module.kernel_size)
+        kernel = geometry.as_pair(module.kernel_size)
         expected = geometry.conv_params(
             kernel, in_shape[-1], module.features, module.feature_group_count, module.use_bias, name
         )
@@ -380,17 +372,15 @@ def analyze(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1) -
         )
         h, w = input_shape[1:3]
         raise GeometryError(f"{e}, from the {h}x{w} model input; {hint}.") from None
-    total_trainable = _count(variables.get("params", {}))
-    total_all = _count(variables)
+    totals = _totals(rows, variables, input_shape, batch_size)  # params from the whole pytree
     row_trainable = sum(r.params for r in rows)
     row_all = row_trainable + sum(r.state for r in rows)
-    if (row_trainable, row_all) != (total_trainable, total_all):
+    if (row_trainable, row_all) != (totals.trainable_params, totals.params):
         raise AnalysisError(
             f"the rows hold {row_trainable:,} trainable / {row_all:,} total parameters, the "
-            f"initialised pytree {total_trainable:,} / {total_all:,}: some module owns variables "
-            "and also calls submodules, which the layer table cannot attribute"
+            f"initialised pytree {totals.trainable_params:,} / {totals.params:,}: some module "
+            "owns variables and also calls submodules, which the layer table cannot attribute"
         )
-    totals = _totals(rows, variables, input_shape, batch_size)
     return Analysis(input_shape, tuple(rows), totals, tuple(_model_warnings(model, rows)))
 
 

@@ -34,38 +34,43 @@ def _window(step: Callable[[], object], steps: int, batch_size: int) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def cnnjax_runners(model, tx, shape: tuple, num_classes: int) -> tuple[Callable, Callable, float]:
+def _scale(images: jnp.ndarray) -> jnp.ndarray:
+    return images.astype(jnp.float32) / 255.0
+
+
+def cnnjax_runners(state: engine.TrainState, shape: tuple, num_classes: int):
     """A train step and an eval step on a fixed batch, and the first train call's seconds
-    (trace + compile + one step)."""
+    (trace + compile + one step). The train step updates (and donates) `state`."""
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8)),
         "label": jnp.asarray(rng.integers(0, num_classes, shape[0]).astype(np.int32)),
         "mask": jnp.ones(shape[0], jnp.float32),
     }
-    preprocess = _scale
-    state = engine.create_train_state(model, tx, (1, *shape[1:]), jax.random.key(0))
-    train = jax.jit(functools.partial(engine.train_step, preprocess=preprocess), donate_argnums=0)
-    evaluate = jax.jit(functools.partial(engine.eval_step, preprocess=preprocess))
+    train = jax.jit(functools.partial(engine.train_step, preprocess=_scale), donate_argnums=0)
+    evaluate = jax.jit(functools.partial(engine.eval_step, preprocess=_scale))
     key = jax.random.key(1)
-    holder = {"state": state}
 
     def train_step():
-        holder["state"], metrics = train(holder["state"], batch, key)
+        nonlocal state
+        state, metrics = train(state, batch, key)
         return metrics
 
     start = time.perf_counter()
     jax.block_until_ready(train_step())
     compile_s = time.perf_counter() - start
-    return train_step, lambda: evaluate(holder["state"], batch), compile_s
+    return train_step, lambda: evaluate(state, batch), compile_s
 
 
-def _scale(images):
-    return images.astype(jnp.float32) / 255.0
-
-
-def torch_runners(model, variables, table, shape: tuple, num_classes: int, optimizer_cfg):
-    """The PyTorch twin's train and eval steps on the same kind of batch (NCHW)."""
+def torch_runners(
+    variables: dict,
+    table: analysis.Analysis,
+    shape: tuple,
+    num_classes: int,
+    optimizer_cfg: DictConfig,
+):
+    """The PyTorch twin (with `variables`) and its train and eval steps on the same kind of
+    batch, NCHW."""
     import torch
 
     from cnnjax import torch_twin
@@ -105,7 +110,9 @@ def measure(cfg: DictConfig) -> dict:
     shape = analysis.summary_input_shape(model, b.batch_size)
     table = analysis.analyze(model, shape)
     tx = instantiate(cfg.optimizer)()  # with its configured learning rate
-    train_jax, eval_jax, compile_s = cnnjax_runners(model, tx, shape, cfg.dataset.num_classes)
+    state = engine.create_train_state(model, tx, (1, *shape[1:]), jax.random.key(0))
+    start_variables = jax.device_get({"params": state.params, **state.model_state})  # the twin's
+    train_jax, eval_jax, compile_s = cnnjax_runners(state, shape, cfg.dataset.num_classes)
     runners = {"cnnjax": (train_jax, eval_jax)}
     result = {
         "model": cfg.model._target_.rsplit(".", 1)[-1],
@@ -118,9 +125,8 @@ def measure(cfg: DictConfig) -> dict:
     if b.reference == "torch":
         import torch
 
-        variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros(shape)))
         train_t, eval_t, threads = torch_runners(
-            model, variables, table, shape, cfg.dataset.num_classes, cfg.optimizer
+            start_variables, table, shape, cfg.dataset.num_classes, cfg.optimizer
         )
         runners["torch"] = (train_t, eval_t)
         result |= {"torch_version": torch.__version__, "torch_threads": threads}

@@ -15,6 +15,15 @@ class GeometryError(ValueError):
     """A layer whose geometry does not work; the message names the layer, formula and a fix."""
 
 
+def as_pair(v: int | Sequence[int] | None, default: int = 1) -> tuple[int, int]:
+    """(v, v) for an int, the first two entries of a sequence, (default, default) for None."""
+    if v is None:
+        return (default, default)
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
 def effective_kernel(kernel: int, dilation: int = 1) -> int:
     """Span of a dilated kernel: dilation*(kernel-1)+1."""
     return dilation * (kernel - 1) + 1

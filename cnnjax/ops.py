@@ -7,12 +7,10 @@ Everything is a pure function of arrays and ints, written for reading rather tha
 import jax
 import jax.numpy as jnp
 
+from cnnjax.geometry import as_pair, conv_output_size
+
 Pair = tuple[int, int]
 Padding = int | tuple[Pair, Pair]
-
-
-def _pair(v: int | Pair) -> Pair:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _pads(padding: Padding) -> tuple[Pair, Pair]:
@@ -21,15 +19,6 @@ def _pads(padding: Padding) -> tuple[Pair, Pair]:
         return (padding, padding), (padding, padding)
     (t, b), (le, r) = padding
     return (int(t), int(b)), (int(le), int(r))
-
-
-def _out_size(size: int, kernel: int, stride: int, pad: Pair, dilation: int) -> int:
-    """floor((size + lo + hi - span) / stride) + 1, span = dilation*(kernel-1)+1."""
-    span = dilation * (kernel - 1) + 1
-    out = (size + pad[0] + pad[1] - span) // stride + 1
-    if out < 1:
-        raise ValueError(f"window span {span} does not fit padded size {size + sum(pad)}")
-    return out
 
 
 def im2col(
@@ -45,10 +34,10 @@ def im2col(
     flattened in (kh, kw, C) order, the order of a HWIO kernel reshaped to (kh*kw*C_in, out).
     """
     B, H, W, C = x_BxHxWxC.shape
-    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_hw), _pair(stride), _pair(dilation)
+    (kh, kw), (sh, sw), (dh, dw) = as_pair(kernel_hw), as_pair(stride), as_pair(dilation)
     pad_h, pad_w = _pads(padding)
-    out_h = _out_size(H, kh, sh, pad_h, dh)
-    out_w = _out_size(W, kw, sw, pad_w, dw)
+    out_h = conv_output_size(H, kh, sh, pad_h, dh)
+    out_w = conv_output_size(W, kw, sw, pad_w, dw)
     xp_BxHpxWpxC = jnp.pad(x_BxHxWxC, ((0, 0), pad_h, pad_w, (0, 0)))
     # Padded-input row of output row i and kernel row a is i*sh + a*dh (likewise for columns).
     rows_OHxKH = jnp.arange(out_h)[:, None] * sh + jnp.arange(kh)[None, :] * dh
@@ -79,8 +68,8 @@ def conv2d_im2col(
     if Cg * G != C or n_out % G:
         raise ValueError(f"input channels {C}, kernel {kernel_HWIO.shape} and groups {G} disagree")
     pad_h, pad_w = _pads(padding)
-    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
-    out_h, out_w = _out_size(H, kh, sh, pad_h, dh), _out_size(W, kw, sw, pad_w, dw)
+    (sh, sw), (dh, dw) = as_pair(stride), as_pair(dilation)
+    out_h, out_w = conv_output_size(H, kh, sh, pad_h, dh), conv_output_size(W, kw, sw, pad_w, dw)
     cols_BxPxK = im2col(x_BxHxWxC, (kh, kw), stride, padding, dilation)
     P, K = out_h * out_w, kh * kw * Cg
     # Split C into (G, C/G) and gather each group's (kh, kw, C/G) patch entries together.
@@ -102,9 +91,9 @@ def im2col_sizes(
 ) -> dict[str, tuple[int, ...]]:
     """Matrix sizes for one image: out_col = W_row (O x K) @ X_col (K x P), K = kh*kw*C."""
     H, W, C = input_hwc
-    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_hw), _pair(stride), _pair(dilation)
+    (kh, kw), (sh, sw), (dh, dw) = as_pair(kernel_hw), as_pair(stride), as_pair(dilation)
     pad_h, pad_w = _pads(padding)
-    out_h, out_w = _out_size(H, kh, sh, pad_h, dh), _out_size(W, kw, sw, pad_w, dw)
+    out_h, out_w = conv_output_size(H, kh, sh, pad_h, dh), conv_output_size(W, kw, sw, pad_w, dw)
     K, P = kh * kw * C, out_h * out_w
     return {"x_col": (K, P), "w_row": (out_channels, K), "out": (out_h, out_w, out_channels)}
 

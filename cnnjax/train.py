@@ -262,9 +262,7 @@ class Loop:
                 self.evaluate(epoch)
             self.save()  # every epoch end, after its evaluation
             if self.stop.signal and self.step < total_steps:
-                raise Interrupted(
-                    f"stopped by {self.stop.signal} at step {self.step}; checkpoint saved"
-                )
+                raise self.interrupted()
         self.bar.close()
         self.checkpoints.close()
 
@@ -288,7 +286,7 @@ class Loop:
         if self.stop.signal and not epoch_end:  # keep unlogged metrics: the resumed log is the same
             pending = self.fetch()
             self.save(pending=[{k: float(v) for k, v in m.items()} for m in pending])
-            raise Interrupted(f"stopped by {self.stop.signal} at step {step}; checkpoint saved")
+            raise self.interrupted()
 
     def fetch(self) -> list[dict]:
         """The pending metrics on the host (the only host sync); a non-finite loss stops here."""
@@ -311,7 +309,7 @@ class Loop:
             self.rates.append(rate)
         self.writer.metrics(
             step=self.step,
-            epoch=round(self.step / self.steps_per_epoch, 4),
+            epoch=self.epoch(),
             split="train",
             **row,
             learning_rate=float(self.schedule(self.step)),
@@ -324,9 +322,7 @@ class Loop:
 
     def evaluate(self, epoch: int) -> None:
         test = self.eval()
-        self.writer.metrics(
-            step=self.step, epoch=round(self.step / self.steps_per_epoch, 4), split="test", **test
-        )
+        self.writer.metrics(step=self.step, epoch=self.epoch(), split="test", **test)
         self.progress["test"] = test
         if test["accuracy"] > self.progress["best_test_accuracy"]:
             self.progress |= {"best_test_accuracy": test["accuracy"], "best_epoch": epoch}
@@ -341,7 +337,14 @@ class Loop:
             raise self.diverged(f"the parameters after step {self.step} are not finite")
         self.checkpoints.save(self.state, self.rng, {"step": self.step, **self.progress, **extra})
 
-    def diverged(self, what: str) -> "Diverged":
+    def epoch(self) -> float:
+        """Epochs done, fractional."""
+        return round(self.step / self.steps_per_epoch, 4)
+
+    def interrupted(self) -> Interrupted:
+        return Interrupted(f"stopped by {self.stop.signal} at step {self.step}; checkpoint saved")
+
+    def diverged(self, what: str) -> Diverged:
         good = self.checkpoints.steps()
         last = (
             f"The last good checkpoint is step {good[-1]} in {self.checkpoints.directory}."
@@ -357,7 +360,7 @@ class Loop:
         test = self.progress["test"] or self.eval()
         return {
             "steps": self.step,
-            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "epochs": self.epoch(),
             "batch_size": self.t.batch_size,
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],

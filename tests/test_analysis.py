@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from cnnjax import analysis, geometry, layers
 from cnnjax.analysis import AnalysisError, GeometryError
 from cnnjax.layers import Add, conv
+from cnnjax.models.alexnet import AlexNet
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 # Smaller inputs/heads for the big models where a test runs them (the layer logic is the same).
@@ -76,20 +77,14 @@ def test_channel_table_28x28():
 
 def test_alexnet_on_28x28_names_the_layer_and_the_smallest_input():
     with pytest.raises(GeometryError) as info:
-        analysis.analyze(instantiate_alexnet(), (1, 28, 28, 3))
+        analysis.analyze(AlexNet(num_classes=10), (1, 28, 28, 3))
     message = str(info.value)
     assert "'pool2'" in message
     assert "(2 - 3 + 0 + 0)/2 + 1" in message
     assert "67x67" in message
-    analysis.analyze(instantiate_alexnet(), (1, 67, 67, 3))  # the hint is right...
+    analysis.analyze(AlexNet(num_classes=10), (1, 67, 67, 3))  # the hint is right...
     with pytest.raises(GeometryError):
-        analysis.analyze(instantiate_alexnet(), (1, 66, 66, 3))  # ...and the smallest
-
-
-def instantiate_alexnet():
-    from cnnjax.models.alexnet import AlexNet
-
-    return AlexNet(num_classes=10)
+        analysis.analyze(AlexNet(num_classes=10), (1, 66, 66, 3))  # ...and the smallest
 
 
 def test_uneven_stride_warns_with_the_dropped_pixels():
