@@ -5,15 +5,25 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
 
-.PHONY: setup data train test lint clean
+.PHONY: setup onednn data train test lint clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed onednn
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,torch]'
+	$(PY) -m pip install --quiet -e '.[dev,torch,onednn]'
 	touch $@
+
+# cnnjax/_onednn.so: oneDNN's convolutions as XLA custom calls (see cnnjax/onednn.py), against
+# the oneDNN that pip put in the venv (lib/ and include/) and jaxlib's FFI headers.
+ONEDNN_SO := cnnjax/_onednn.so
+onednn: $(ONEDNN_SO)
+
+$(ONEDNN_SO): cnnjax/csrc/onednn_conv.cc $(VENV)/.installed
+	$(CXX) -O2 -std=c++17 -shared -fPIC -Wno-return-type \
+	  -I"$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" -I$(VENV)/include \
+	  $< -o $@ -L$(VENV)/lib -ldnnl -lgomp -Wl,-rpath,$(abspath $(VENV)/lib)
 
 # Debian's Fashion-MNIST IDX files: installed when missing and we may (root or password-less sudo).
 data:
@@ -33,4 +43,4 @@ test: setup data lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(ONEDNN_SO) outputs multirun .pytest_cache .ruff_cache

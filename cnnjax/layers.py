@@ -1,9 +1,13 @@
 """The few shared primitives, as Modules so that tracing (cnnjax.analysis) sees one row each."""
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from cnnjax import onednn
 
 
 class ReLU(nn.Module):
@@ -25,8 +29,9 @@ class Flatten(nn.Module):
 class MaxPool(nn.Module):
     """Max pooling over `window` with `stride` (defaults to the window) and integer padding.
 
-    A non-overlapping pool that tiles the input exactly is computed as reshape-then-max: its
-    backward pass is a plain compare, while `reduce_window`'s select-and-scatter is slow on XLA:CPU.
+    A non-overlapping pool that tiles the input exactly is `tiled_max_pool`: elementwise maxima
+    of strided slices, and a one-pass backward. `reduce_window`'s backward (select-and-scatter)
+    is slow on XLA:CPU, and so is the autodiff of a reshape-then-max, which counts ties.
     """
 
     window: int = 2
@@ -36,11 +41,43 @@ class MaxPool(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
         stride = self.stride or self.window
-        b, h, w, c = x_BxHxWxC.shape
+        _, h, w, _ = x_BxHxWxC.shape
         k = self.window
         if stride == k and self.padding == 0 and h % k == 0 and w % k == 0:
-            return x_BxHxWxC.reshape(b, h // k, k, w // k, k, c).max(axis=(2, 4))
+            return tiled_max_pool(x_BxHxWxC, k)
         return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), _pads(self.padding))
+
+
+def _slices(x_BxHxWxC: jnp.ndarray, k: int) -> list[jnp.ndarray]:
+    """The k*k strided slices x[:, i::k, j::k], row-major over (i, j)."""
+    return [x_BxHxWxC[:, i::k, j::k, :] for i in range(k) for j in range(k)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tiled_max_pool(x_BxHxWxC: jnp.ndarray, k: int) -> jnp.ndarray:
+    """Max over non-overlapping k x k windows (H and W multiples of k). Its gradient goes to
+    the first maximum of each window in row-major order, as PyTorch's max_pool2d does."""
+    return functools.reduce(jnp.maximum, _slices(x_BxHxWxC, k))
+
+
+def _tiled_max_pool_fwd(x, k):
+    y = tiled_max_pool(x, k)
+    return y, (x, y)
+
+
+def _tiled_max_pool_bwd(k, residuals, dy):
+    x, y = residuals
+    parts, taken = [], jnp.zeros(y.shape, bool)
+    for part in _slices(x, k):
+        first = (part == y) & ~taken
+        taken = taken | first
+        parts.append(jnp.where(first, dy, 0))
+    b, h, w, c = y.shape  # (i, j, b, h, w, c) -> (b, h, i, w, j, c) -> x's layout
+    dx = jnp.stack(parts).reshape(k, k, b, h, w, c).transpose(2, 3, 0, 4, 1, 5)
+    return (dx.reshape(x.shape),)
+
+
+tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
 
 
 class AvgPool(nn.Module):
@@ -77,5 +114,13 @@ def _pads(p: int) -> Sequence[tuple[int, int]]:
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, **kw) -> nn.Conv:
-    """A square convolution with symmetric integer padding, as in the notes' PyTorch."""
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=_pads(padding), **kw)
+    """A square convolution with symmetric integer padding, as in the notes' PyTorch; computed by
+    XLA or, inside `onednn.backend(...)`, by oneDNN."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        (stride, stride),
+        padding=_pads(padding),
+        conv_general_dilated=onednn.conv_general_dilated,
+        **kw,
+    )

@@ -1,0 +1,98 @@
+"""oneDNN's convolutions (cnnjax/_onednn.so, built by make) against XLA's: values and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from cnnjax import engine, onednn
+from cnnjax.models.mnist_allconv import MnistAllConv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# (input NHWC, kernel HWIO, strides, padding, dilation): odd batches split unevenly over threads
+CASES = {
+    "3x3 same": ((4, 9, 11, 3), (3, 3, 3, 5), (1, 1), [(1, 1), (1, 1)], (1, 1)),
+    "5x3 stride 2x1 uneven pads": ((5, 10, 10, 4), (5, 3, 4, 6), (2, 1), [(0, 1), (2, 0)], (1, 1)),
+    "SAME dilated stride 1x2": ((2, 12, 12, 2), (3, 3, 2, 4), (1, 2), "SAME", (2, 2)),
+    "1 channel valid": ((3, 28, 28, 1), (3, 3, 1, 8), (1, 1), "VALID", (1, 1)),
+    "batch 1, 11x11 stride 4": ((1, 35, 35, 3), (11, 11, 3, 16), (4, 4), "VALID", (1, 1)),
+    "1x1": ((7, 6, 6, 16), (1, 1, 16, 8), (1, 1), "VALID", (1, 1)),
+}
+
+
+def _loss(conv, x, w, strides, padding, dilation):
+    y = conv(x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+    return (y * jnp.sin(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))).sum()
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_values_and_gradients_equal_xla(case):
+    x_shape, w_shape, strides, padding, dilation = case
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    grad = lambda conv: jax.jit(  # noqa: E731
+        jax.value_and_grad(functools.partial(_loss, conv), (0, 1)), static_argnums=(2, 3, 4)
+    )
+    geometry = (strides, padding if isinstance(padding, str) else tuple(padding), dilation)
+    expected = grad(lax.conv_general_dilated)(x, w, *geometry)
+    with onednn.backend("onednn"):
+        fn = grad(onednn.conv_general_dilated)
+        hlo = fn.lower(x, w, *geometry).as_text()
+        got = fn(x, w, *geometry)
+    assert hlo.count("cnnjax_conv_") == 3  # forward, backward-data, backward-weights
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def _lowered(x, w, **kw) -> str:
+    f = functools.partial(onednn.conv_general_dilated, dimension_numbers=NHWC, **kw)
+    return jax.jit(lambda x, w: f(x, w, (1, 1), [(1, 1), (1, 1)])).lower(x, w).as_text()
+
+
+def test_xla_outside_the_block_and_for_what_onednn_does_not_take():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    assert "cnnjax_conv" not in _lowered(x, w)  # no backend block: XLA's
+    with onednn.backend("onednn"):
+        assert "cnnjax_conv" in _lowered(x, w)
+        assert "cnnjax_conv" not in _lowered(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+        assert "cnnjax_conv" not in _lowered(x, jnp.ones((3, 3, 2, 4)), feature_group_count=2)
+        assert "cnnjax_conv" not in _lowered(x, w, lhs_dilation=(2, 2))
+    with onednn.backend("xla"):
+        assert "cnnjax_conv" not in _lowered(x, w)
+
+
+def test_backend_names():
+    assert onednn.resolve("auto") == "onednn"  # on this CPU, with the library built
+    assert onednn.resolve("xla") == "xla"
+    with pytest.raises(ValueError, match="unknown convolution backend 'mkl'"):
+        onednn.resolve("mkl")
+
+
+def test_missing_library_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "LIBRARY", tmp_path / "_onednn.so")
+    monkeypatch.setattr(onednn, "available", functools.cache(onednn.available.__wrapped__))
+    assert onednn.resolve("auto") == "xla"
+    with pytest.raises(RuntimeError, match="is not built .*make onednn"):
+        onednn.resolve("onednn")
+
+
+def test_train_steps_match_xla():
+    """Three SGD steps of the all-conv net give the same parameters with either backend."""
+    model, tx = MnistAllConv(), optax.sgd(0.05, momentum=0.9)
+    images = jax.random.randint(jax.random.key(2), (33, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    batch = {"image": images, "label": jnp.arange(33) % 10}
+    results = {}
+    for name in ("xla", "onednn"):
+        state = engine.create_train_state(model, tx, (1, 28, 28, 1), jax.random.key(0))
+        with onednn.backend(name):
+            step = jax.jit(functools.partial(engine.train_step, preprocess=lambda i: i / 255.0))
+            for _ in range(3):
+                state, metrics = step(state, batch, jax.random.key(1))
+        results[name] = (state.params, metrics["loss"])
+    np.testing.assert_allclose(results["onednn"][1], results["xla"][1], rtol=1e-5)
+    for a, b in zip(*(jax.tree.leaves(r[0]) for r in results.values()), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
