@@ -39,7 +39,15 @@ def _padding(row: Row) -> tuple[nn.Module | None, tuple[int, int]]:
     return nn.ZeroPad2d((left, right, top, bottom)), (0, 0)
 
 
-def _layer(row: Row, variables: dict) -> list[nn.Module]:
+SIMPLE = {
+    "ReLU": nn.ReLU,
+    "Flatten": FlattenNHWC,
+    "GlobalAvgPool": GlobalAvgPool,
+}
+SUPPORTED = {"Conv", "Dense", "MaxPool", "AvgPool", "BatchNorm", "Dropout", *SIMPLE}
+
+
+def _layer(row: Row, variables: dict, dropout: float) -> list[nn.Module]:
     params = variables.get("params", {})
     if row.type == "Conv":
         pad, padding = _padding(row)
@@ -72,28 +80,32 @@ def _layer(row: Row, variables: dict) -> list[nn.Module]:
             bn.running_mean.copy_(_tensor(stats["mean"]))
             bn.running_var.copy_(_tensor(stats["var"]))
         return [bn]
-    simple = {
-        "ReLU": nn.ReLU,
-        "Flatten": FlattenNHWC,
-        "GlobalAvgPool": GlobalAvgPool,
-        "Dropout": lambda: nn.Dropout(0.5),  # the rate of AlexNet and VGG, the models with it
-    }
-    if row.type not in simple:
-        raise ValueError(
-            f"the PyTorch twin has no {row.type} layer ({row.name}); it supports chain models "
-            "of Conv, MaxPool, AvgPool, ReLU, Flatten, GlobalAvgPool, Dense, Dropout, BatchNorm"
-        )
-    return [simple[row.type]()]
+    if row.type == "Dropout":
+        return [nn.Dropout(dropout)]
+    return [SIMPLE[row.type]()]
 
 
-def build(table: Analysis, variables: dict[str, Any]) -> nn.Sequential:
-    """A torch.nn.Sequential computing what the Flax model computes, on NCHW inputs."""
+def check(table: Analysis) -> None:
+    """Raise ValueError when the twin of `table`'s model cannot be built."""
     if any(r.type == "Add" for r in table.rows):
         raise ValueError("the PyTorch twin supports chain models only (this one has branches)")
+    for row in table.rows:
+        if row.type not in SUPPORTED:
+            raise ValueError(
+                f"the PyTorch twin has no {row.type} layer ({row.name}); it supports chain "
+                "models of Conv, MaxPool, AvgPool, ReLU, Flatten, GlobalAvgPool, Dense, Dropout, "
+                "BatchNorm"
+            )
+
+
+def build(table: Analysis, variables: dict[str, Any], dropout: float = 0.5) -> nn.Sequential:
+    """A torch.nn.Sequential computing what the Flax model computes, on NCHW inputs; its Dropout
+    rows drop with rate `dropout` in training mode (0.5: AlexNet's and VGG's default)."""
+    check(table)
     modules = []
     for row in table.rows:
         own = _scope(variables, row.name.split("/"))
-        modules += _layer(row, own)
+        modules += _layer(row, own, dropout)
     return nn.Sequential(*modules)
 
 

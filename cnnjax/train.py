@@ -6,6 +6,11 @@ events, `checkpoints/` (orbax: every `trainer.checkpoint_every` steps, every epo
 last step) and `summary.json`, whose `status` is "completed", "interrupted" (SIGTERM/Ctrl-C,
 after a checkpoint), "diverged" or "failed". Running the same command in the same directory
 resumes from the latest checkpoint and ends exactly as an uninterrupted run would.
+
+With `trainer.target_accuracy`, the run ends (completed) after the first test evaluation that
+reaches it; the summary says when (`reached_target`, `target_step`, `target_epoch`,
+`target_train_wall_s`). Compilations are kept in JAX's persistent cache,
+`trainer.compilation_cache_dir` (null: off), so that later runs load them instead of compiling.
 """
 
 import functools
@@ -14,7 +19,9 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import jax
@@ -22,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tensorflow_datasets as tfds
+from flax import linen as nn
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from jax.experimental.compilation_cache import compilation_cache
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cnnjax import analysis, checkpoint, data, engine
+from cnnjax import analysis, checkpoint, data, engine, onednn
 from cnnjax.artifacts import RunWriter
 
 log = logging.getLogger("cnnjax.train")
@@ -40,6 +49,18 @@ class Diverged(RuntimeError):
 
 class Interrupted(Exception):
     """SIGTERM or Ctrl-C: a checkpoint was saved and the run stops cleanly."""
+
+
+def use_compilation_cache(directory: str | None) -> str | None:
+    """Point JAX's persistent compilation cache at `directory` (`~` expanded; None turns it off),
+    caching every compilation however quick or small; returns the directory in use."""
+    path = os.path.expanduser(directory) if directory else None
+    if path != jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        compilation_cache.reset_cache()  # the next compilation opens the new directory
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor
+    return path
 
 
 def load_dataset(cfg: DictConfig) -> tuple[data.Split, data.Split]:
@@ -93,6 +114,7 @@ def evaluate(eval_fn, state: engine.TrainState, split: data.Split, batch_size: i
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train and evaluate as `cfg` says, writing into `run_dir`; returns the summary."""
     start = time.perf_counter()
+    cache_dir = use_compilation_cache(cfg.trainer.compilation_cache_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     writer = RunWriter(run_dir)
@@ -103,6 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
+        "compilation_cache_dir": cache_dir,
     }
     writer.summary(**summary)
     try:
@@ -133,23 +156,45 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             summary["total_wall_s"],
             run_dir,
         )
+        if summary.get("reached_target"):
+            log.info(
+                "reached the target accuracy %s at step %d (epoch %s), %.1f s into training",
+                cfg.trainer.target_accuracy,
+                summary["target_step"],
+                summary["target_epoch"],
+                summary["target_train_wall_s"],
+            )
     return summary
 
 
-def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) -> dict:
-    """Set up from `cfg`, resume from the run directory's checkpoints when there are any, and
-    loop; returns the summary fields it measured."""
+class Recipe(NamedTuple):
+    """What a config sets up before the loop: the model and its data, the step plan, the
+    schedule and the initial state (weights from `trainer.seed`)."""
+
+    model: nn.Module
+    train_split: data.Split
+    test_split: data.Split
+    preprocess: Callable[[jnp.ndarray], jnp.ndarray]
+    adaptation: str  # what `preprocess` does beyond scaling and normalising, in words
+    table: analysis.Analysis
+    steps_per_epoch: int
+    total_steps: int
+    schedule: optax.Schedule
+    state: engine.TrainState
+    rng: jax.Array  # dropout and augmentation
+
+
+def prepare(cfg: DictConfig) -> Recipe:
+    """Check `cfg`, load the data and initialise the model; bad geometry fails here, by layer
+    name, before anything compiles."""
     t, ds = cfg.trainer, cfg.dataset
     if t.precision not in COMPUTE_DTYPES:
         raise ValueError(f"trainer.precision={t.precision!r}: use one of {sorted(COMPUTE_DTYPES)}")
-    if not t.progress:
-        tfds.disable_progress_bar()
     model = instantiate(cfg.model)
     train_split, test_split = load_dataset(cfg)
     target_hwc = (model.input_size, model.input_size, model.in_channels)
     source_hwc = train_split.images_NxHxWxC.shape[1:]
     preprocess, adaptation = data.make_preprocess(source_hwc, target_hwc, ds.mean, ds.std)
-    log.info("input adaptation for %s: %s", type(model).__name__, adaptation)
 
     n_train = len(train_split.labels_N)
     steps_per_epoch = n_train // t.batch_size
@@ -163,48 +208,71 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
     if t.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
 
-    table = analysis.analyze(model, (1, *target_hwc))  # bad geometry fails here, by layer name
-    for warning in table.warnings:
-        log.warning(warning)
+    table = analysis.analyze(model, (1, *target_hwc))
     init_rng, rng = jax.random.split(jax.random.key(t.seed))
     state = engine.create_train_state(model, tx, (1, *target_hwc), init_rng)
+    return Recipe(
+        model, train_split, test_split, preprocess, adaptation, table, steps_per_epoch,
+        total_steps, schedule, state, rng,
+    )  # fmt: skip
+
+
+def epoch_order(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of an epoch's batch order: a function of the seed and the epoch alone."""
+    return np.random.default_rng([seed, epoch])
+
+
+def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) -> dict:
+    """Set up from `cfg`, resume from the run directory's checkpoints when there are any, and
+    loop; returns the summary fields it measured."""
+    t, ds = cfg.trainer, cfg.dataset
+    if not t.progress:
+        tfds.disable_progress_bar()
+    r = prepare(cfg)
+    log.info("input adaptation for %s: %s", type(r.model).__name__, r.adaptation)
+    for warning in r.table.warnings:
+        log.warning(warning)
     checkpoints = checkpoint.Checkpoints(writer.run_dir / "checkpoints", t.keep_checkpoints)
-    state, rng, progress = resume(checkpoints, state, rng, t.resume, writer)
+    state, rng, progress = resume(checkpoints, r.state, r.rng, t.resume, writer)
     n_params = engine.count_params(state.params)
-    final = table.rows[-1]
+    final = r.table.rows[-1]
     log.info(
         "%s: %s params, %.1f M MACs per image, final receptive field %s; "
         "%d train / %d test examples; %d steps (%d per epoch, batch %d)",
-        type(model).__name__,
+        type(r.model).__name__,
         f"{n_params:,}",
-        table.totals.macs / 1e6,
+        r.table.totals.macs / 1e6,
         "x".join(map(str, final.rf)),
-        n_train,
-        len(test_split.labels_N),
-        total_steps,
-        steps_per_epoch,
+        len(r.train_split.labels_N),
+        len(r.test_split.labels_N),
+        r.total_steps,
+        r.steps_per_epoch,
         t.batch_size,
     )
     augment = data.make_augment(**(ds.get("augment") or {}))
     train_step = jax.jit(
         functools.partial(
             engine.train_step,
-            preprocess=preprocess,
+            preprocess=r.preprocess,
             augment=augment,
             label_smoothing=t.label_smoothing,
             compute_dtype=COMPUTE_DTYPES[t.precision],
         ),
         donate_argnums=0,
     )
-    eval_step = jax.jit(functools.partial(engine.eval_step, preprocess=preprocess))
+    eval_step = jax.jit(functools.partial(engine.eval_step, preprocess=r.preprocess))
 
-    loop = Loop(cfg.trainer, cfg.optimizer.learning_rate, schedule, writer, stop, checkpoints)
-    loop.run(state, rng, progress, (train_step, eval_step), (train_split, test_split), total_steps)
+    loop = Loop(cfg.trainer, cfg.optimizer.learning_rate, r.schedule, writer, stop, checkpoints)
+    splits = (r.train_split, r.test_split)
+    with onednn.backend(t.conv_backend) as conv_backend:  # the steps are traced inside
+        log.info("convolutions: %s (trainer.conv_backend=%s)", conv_backend, t.conv_backend)
+        loop.run(state, rng, progress, (train_step, eval_step), splits, r.total_steps)
     return {
+        "conv_backend": conv_backend,
         "params": n_params,
-        "macs": table.totals.macs,
+        "macs": r.table.totals.macs,
         "receptive_field": list(final.rf),
-        "input_adaptation": adaptation,
+        "input_adaptation": r.adaptation,
         **loop.results(),
     }
 
@@ -237,6 +305,9 @@ class Loop:
         self.state, self.rng, self.progress = state, rng, progress
         self.step, self.total_steps = int(state.step), total_steps
         spe = self.steps_per_epoch = n_train // t.batch_size
+        reached = self.progress.get("reached_target")  # by the run this one resumes
+        if reached and (t.target_accuracy is None or reached["accuracy"] < t.target_accuracy):
+            del self.progress["reached_target"]  # a higher target now, or none: train on
         # metrics of steps not yet logged, carried over when an interrupted run saved them
         carried = self.progress.pop("pending", [])
         self.pending = [{k: np.float32(v) for k, v in m.items()} for m in carried]
@@ -246,10 +317,10 @@ class Loop:
             dynamic_ncols=True,
         )  # fmt: skip
         for epoch in range(self.step // spe + 1, math.ceil(total_steps / spe) + 1):
-            if self.step >= total_steps:  # resumed from the final checkpoint
+            if self.finished():  # resumed from the final checkpoint, or the target was reached
                 break
             done = self.step - (epoch - 1) * spe  # batches of this epoch already trained on
-            order = np.random.default_rng([t.seed, epoch])  # the order is a function of the epoch
+            order = epoch_order(t.seed, epoch)
             for idx in data.epoch_batches(n_train, t.batch_size, order, skip=done):
                 images, labels = train_split.images_NxHxWxC[idx], train_split.labels_N[idx]
                 self.state, metrics = train_step(
@@ -261,10 +332,14 @@ class Loop:
             if epoch % t.eval_every == 0 or self.step == total_steps:
                 self.evaluate(epoch)
             self.save()  # every epoch end, after its evaluation
-            if self.stop.signal and self.step < total_steps:
+            if self.stop.signal and not self.finished():
                 raise self.interrupted()
         self.bar.close()
         self.checkpoints.close()
+
+    def finished(self) -> bool:
+        """All steps are done, or an evaluation reached `trainer.target_accuracy`."""
+        return self.step >= self.total_steps or "reached_target" in self.progress
 
     def after_step(self, metrics: dict) -> None:
         """Count the step; fetch, log and checkpoint where due; stop when a signal came."""
@@ -321,6 +396,7 @@ class Loop:
         self.pending, self.window_images, self.window_start = [], 0, now
 
     def evaluate(self, epoch: int) -> None:
+        """Evaluate on the test split, log it, and note when it reaches the target accuracy."""
         test = self.eval()
         self.writer.metrics(step=self.step, epoch=self.epoch(), split="test", **test)
         self.progress["test"] = test
@@ -329,6 +405,14 @@ class Loop:
         self.bar.write(
             f"epoch {epoch}: test loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f}"
         )
+        target = self.t.target_accuracy
+        if target is not None and test["accuracy"] >= target:  # the loop stops at this epoch end
+            self.progress["reached_target"] = {
+                "accuracy": test["accuracy"],
+                "step": self.step,
+                "epoch": self.epoch(),
+                "train_wall_s": round(time.perf_counter() - self.start, 2),
+            }
         self.window_start = time.perf_counter()  # evaluation is not training throughput
 
     def save(self, **extra) -> None:
@@ -358,6 +442,14 @@ class Loop:
 
     def results(self) -> dict:
         test = self.progress["test"] or self.eval()
+        target = {}
+        if self.t.target_accuracy is not None:
+            reached = self.progress.get("reached_target") or {}
+            target = {
+                "target_accuracy": self.t.target_accuracy,
+                "reached_target": bool(reached),
+                **{f"target_{k}": reached.get(k) for k in ("step", "epoch", "train_wall_s")},
+            }
         return {
             "steps": self.step,
             "epochs": self.epoch(),
@@ -369,6 +461,7 @@ class Loop:
             "compile_s": None if self.compile_s is None else round(self.compile_s, 2),
             "images_per_s": round(float(np.median(self.rates)), 1) if self.rates else None,
             "train_wall_s": round(time.perf_counter() - self.start, 2),
+            **target,
         }
 
 

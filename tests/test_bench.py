@@ -1,4 +1,10 @@
-"""The bench's JSON, and the PyTorch twin computing what the Flax model computes."""
+"""The bench's JSON in both modes, the PyTorch twin computing what the Flax model computes, and
+the PyTorch reference training as cnnjax.train does."""
+
+import functools
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -7,10 +13,10 @@ from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from cnnjax import analysis, bench
+from cnnjax import analysis, bench, data, engine, train
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make test has it)")
-from cnnjax import torch_twin  # noqa: E402
+from cnnjax import torch_reference, torch_twin  # noqa: E402
 
 CHAIN_MODELS = ["alexnet", "blocknet", "lenet", "lenet5", "mnist_allconv", "vgg11", "vgg16"]
 SMALL_VGG = ["model.input_size=32", "model.head_pool=1", "model.classifier_width=64"]
@@ -18,6 +24,31 @@ CASES = [[f"model={name}", *(SMALL_VGG if "vgg" in name else [])] for name in CH
 CASES.append(["model=blocknet", "model.batch_norm=true"])
 KEYS = {"model", "batch_size", "device", "cnnjax_train_img_s", "cnnjax_eval_img_s", "compile_s"}
 TORCH_KEYS = {"torch_train_img_s", "ratio", "train_gflops"}
+TTA_KEYS = {
+    "mode", "target", "device", "jax_version", "cnnjax_seconds", "cnnjax_accuracy",
+    "cnnjax_epochs", "cnnjax_reached_target", "torch_seconds", "torch_accuracy", "torch_epochs",
+    "torch_reached_target", "torch_version", "ratio",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(autouse=True)
+def caches(module_dir, monkeypatch) -> Iterator[None]:
+    """Compilations and prepared datasets go to this module's directory, not the user's; the
+    persistent compilation cache is off afterwards."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(module_dir / "jax_cache"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(module_dir / "tfds"))
+    yield
+    train.use_compilation_cache(None)
+
+
+def toy(idx_dir) -> list[str]:
+    """Overrides of the training recipe for the small generated dataset."""
+    return [f"dataset.source_dir={idx_dir}", "dataset.name=toy", "trainer.eval_batch_size=128"]
 
 
 def _cfg(name: str, *overrides: str):
@@ -61,3 +92,58 @@ def test_bench_without_reference():
     cfg = _cfg("bench", "model=lenet", "bench.reference=null", "bench.steps=2", "bench.windows=1")
     out = bench.measure(cfg)
     assert set(out) >= KEYS and "ratio" not in out and "torch_train_img_s" not in out
+
+
+def test_time_to_accuracy_json_and_ratio(idx_dir):
+    recipe = [*toy(idx_dir), "trainer.epochs=2", "schedule=constant"]  # 8 steps an epoch
+    listed = ",".join(f'"{o}"' for o in recipe)
+    cfg = _cfg(
+        "bench", "bench.mode=time_to_accuracy", "bench.target=0.3",
+        f"bench.train_overrides=[{listed}]",
+    )  # fmt: skip
+    out = bench.measure(cfg)
+    assert set(out) >= TTA_KEYS and (out["mode"], out["target"]) == ("time_to_accuracy", 0.3)
+    assert out["cnnjax_reached_target"] and out["torch_reached_target"]
+    assert min(out["cnnjax_accuracy"], out["torch_accuracy"]) >= 0.3
+    assert out["cnnjax_epochs"] == out["torch_epochs"] == 1.0  # the first evaluation reached it
+    assert out["ratio"] == round(out["torch_seconds"] / out["cnnjax_seconds"], 3)
+
+
+@pytest.mark.parametrize(
+    "override, refusal",
+    [
+        ("dataset.augment.flip=true", "dataset.augment"),
+        ("trainer.precision=bf16", "trainer.precision=bf16"),
+        ("+optimizer.nesterov=true", "nesterov=True has no torch equal"),
+        ("model=resnet18", "chain models only"),
+    ],
+)
+def test_time_to_accuracy_refuses_what_torch_cannot_reproduce(override, refusal):
+    cfg = _cfg("bench", "bench.mode=time_to_accuracy", f'bench.train_overrides=["{override}"]')
+    with pytest.raises(ValueError, match="cannot reproduce this recipe") as e:
+        bench.measure(cfg)  # before either side trains
+    assert refusal in str(e.value)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_the_torch_reference_takes_the_steps_cnnjax_takes(idx_dir, optimizer):
+    cfg = _cfg(
+        "train", *toy(idx_dir), f"optimizer={optimizer}", "schedule.warmup_steps=2",
+        "trainer.label_smoothing=0.1", "trainer.grad_clip_norm=0.5",
+    )  # fmt: skip
+    recipe = train.prepare(cfg)
+    twin = torch_reference.TwinTrainer(cfg, recipe)
+    step = jax.jit(
+        functools.partial(engine.train_step, preprocess=recipe.preprocess, label_smoothing=0.1)
+    )
+    state, split = recipe.state, recipe.train_split
+    batches = data.epoch_batches(1024, 128, train.epoch_order(0, 1))
+    for idx in itertools.islice(batches, 4):
+        batch = {"image": split.images_NxHxWxC[idx], "label": split.labels_N[idx]}
+        state, _ = step(state, batch, recipe.rng)
+        twin.train_step(idx)
+    images = recipe.test_split.images_NxHxWxC[:64]
+    variables = {"params": state.params, **state.model_state}
+    expected = np.asarray(state.apply_fn(variables, recipe.preprocess(images)))
+    got = twin.net.eval()(twin.inputs(twin.test_images[:64])).detach().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-3 * np.abs(expected).max())

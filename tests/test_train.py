@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ SUMMARY_KEYS = {
     "train_wall_s",
     "total_wall_s",
 }
+
+
+@pytest.fixture(autouse=True)
+def jax_cache(tmp_path, monkeypatch) -> Iterator[Path]:
+    """Runs keep their compilations in the test's directory, not the user's (off afterwards)."""
+    path = tmp_path / "jax_cache"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(path))  # the config's default
+    yield path
+    train.use_compilation_cache(None)
 
 
 def cli(tmp_path: Path, idx_dir: Path, *overrides: str, multirun=False, check=True):
@@ -168,3 +178,43 @@ def test_bad_geometry_fails_before_compiling_by_layer_name(tmp_path, idx_dir):
     assert "'pool2'" in proc.stderr and "67x67" in proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "GeometryError" in summary["error"]
+
+
+def test_a_second_process_loads_the_compilations_of_the_first(tmp_path, idx_dir, jax_cache):
+    runs = [tmp_path / "first", tmp_path / "second"]
+    cli(tmp_path, idx_dir, "trainer.max_steps=2", f"hydra.run.dir={runs[0]}")
+    entries = {p.name for p in jax_cache.iterdir()}
+    assert any(name.startswith("jit_train_step-") for name in entries)
+    cli(tmp_path, idx_dir, "trainer.max_steps=2", f"hydra.run.dir={runs[1]}")
+    assert {p.name for p in jax_cache.iterdir()} == entries  # every compilation was a cache hit
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    assert summary["compilation_cache_dir"] == str(jax_cache) and summary["compile_s"] is not None
+
+
+def test_target_accuracy_ends_the_run_early(tmp_path, idx_dir, compose_cfg, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    recipe = [
+        f"dataset.source_dir={idx_dir}",
+        "dataset.name=toy",
+        "schedule=constant",
+        "trainer.epochs=3",  # 24 steps
+        "trainer.progress=false",
+        "trainer.eval_batch_size=100",
+    ]
+    run_dir = tmp_path / "run"
+    summary = train.run(compose_cfg(*recipe, "trainer.target_accuracy=0.5"), run_dir)
+    assert summary["status"] == "completed" and summary["reached_target"] is True
+    assert summary["target_step"] == summary["steps"] < 24 and summary["steps"] % 8 == 0
+    assert summary["target_epoch"] == summary["epochs"] and summary["target_train_wall_s"] > 0
+    tests = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "test"]
+    assert [r["accuracy"] >= 0.5 for r in tests] == [False] * (len(tests) - 1) + [True]
+    assert tests[-1]["accuracy"] == summary["test_accuracy"]
+
+    # the same command again resumes at the target and trains no further
+    again = train.run(compose_cfg(*recipe, "trainer.target_accuracy=0.5"), run_dir)
+    assert {k: again[k] for k in ("status", "steps", "reached_target", "target_step")} == {
+        k: summary[k] for k in ("status", "steps", "reached_target", "target_step")
+    }
+    # a target out of reach: it trains on from there to the last step
+    more = train.run(compose_cfg(*recipe, "trainer.target_accuracy=1.01"), run_dir)
+    assert (more["steps"], more["reached_target"], more["target_step"]) == (24, False, None)
