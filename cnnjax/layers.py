@@ -29,9 +29,10 @@ class Flatten(nn.Module):
 class MaxPool(nn.Module):
     """Max pooling over `window` with `stride` (defaults to the window) and integer padding.
 
-    A non-overlapping pool that tiles the input exactly is `tiled_max_pool`: elementwise maxima
-    of strided slices, and a one-pass backward. `reduce_window`'s backward (select-and-scatter)
-    is slow on XLA:CPU, and so is the autodiff of a reshape-then-max, which counts ties.
+    A non-overlapping unpadded pool is `tiled_max_pool` on the input cropped to whole windows
+    (what the floor in the output size drops anyway): elementwise maxima of strided slices, and
+    a one-pass backward. `reduce_window`'s backward (select-and-scatter) is slow on XLA:CPU, and
+    so is the autodiff of a reshape-then-max, which counts ties.
     """
 
     window: int = 2
@@ -43,8 +44,8 @@ class MaxPool(nn.Module):
         stride = self.stride or self.window
         _, h, w, _ = x_BxHxWxC.shape
         k = self.window
-        if stride == k and self.padding == 0 and h % k == 0 and w % k == 0:
-            return tiled_max_pool(x_BxHxWxC, k)
+        if stride == k and self.padding == 0 and min(h, w) >= k:
+            return tiled_max_pool(x_BxHxWxC[:, : h - h % k, : w - w % k], k)
         return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), _pads(self.padding))
 
 

@@ -29,10 +29,19 @@ def test_tied_windows_send_the_gradient_to_the_first_maximum():
     np.testing.assert_array_equal(dx[0, :, :, 0], [[2.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
 
 
-def test_max_pool_module_takes_the_tiled_path_only_when_windows_tile():
+def test_max_pool_module_takes_the_tiled_path_for_unpadded_non_overlapping_windows():
     def hlo(x, **kw):
         return jax.jit(lambda x: layers.MaxPool(**kw).apply({}, x)).lower(x).as_text()
 
     assert "reduce_window" not in hlo(jnp.ones((1, 8, 8, 1)), window=2)
-    assert "reduce_window" in hlo(jnp.ones((1, 9, 9, 1)), window=2)  # 9 is not a multiple of 2
     assert "reduce_window" in hlo(jnp.ones((1, 8, 8, 1)), window=3, stride=2)  # overlapping
+    assert "reduce_window" in hlo(jnp.ones((1, 8, 8, 1)), window=2, padding=1)
+
+
+def test_max_pool_crops_what_the_floor_drops():
+    x = jax.random.normal(jax.random.key(0), (2, 13, 11, 3))
+    cot = jax.random.normal(jax.random.key(1), (2, 6, 5, 3))
+    reference = lambda x: (nn.max_pool(x, (2, 2), (2, 2)) * cot).sum()  # noqa: E731
+    ours = lambda x: (layers.MaxPool(2).apply({}, x) * cot).sum()  # noqa: E731
+    np.testing.assert_array_equal(ours(x), reference(x))
+    np.testing.assert_array_equal(jax.grad(ours)(x), jax.grad(reference)(x))
