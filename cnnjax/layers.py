@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import onednn
+from cnnjax.geometry import as_pair
 
 
 class ReLU(nn.Module):
@@ -114,14 +115,29 @@ def _pads(p: int) -> Sequence[tuple[int, int]]:
     return ((p, p), (p, p))
 
 
-def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, **kw) -> nn.Conv:
-    """A square convolution with symmetric integer padding, as in the notes' PyTorch; computed by
-    XLA or, inside `onednn.backend(...)`, by oneDNN."""
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        (stride, stride),
-        padding=_pads(padding),
-        conv_general_dilated=onednn.conv_general_dilated,
-        **kw,
-    )
+class Conv(nn.Conv):
+    """`nn.Conv` for NHWC inputs (same parameters and attributes, so the analysis reads it
+    alike), computed by `onednn.conv`: XLA's convolution, or inside `onednn.backend(...)`
+    oneDNN's, which adds the bias and sums its gradient in its own kernels."""
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+        if self.input_dilation not in (None, 1, (1, 1)) or self.mask is not None:
+            raise ValueError("layers.Conv: no input dilation or mask; use flax.linen.Conv")
+        kh, kw = self.kernel_size
+        groups = self.feature_group_count
+        shape = (kh, kw, x_BxHxWxC.shape[-1] // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = self.promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
+        dilation = as_pair(self.kernel_dilation or 1)
+        return onednn.conv(x, kernel, bias, as_pair(self.strides), self.padding, dilation, groups)
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, **kw) -> Conv:
+    """A square convolution with symmetric integer padding, as in the notes' PyTorch."""
+    return Conv(features, (kernel, kernel), (stride, stride), padding=_pads(padding), **kw)

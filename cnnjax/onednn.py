@@ -1,12 +1,12 @@
-"""The convolution every `layers.conv` calls: XLA's, or oneDNN's on the CPU.
+"""The convolution every `layers.Conv` computes: XLA's, or oneDNN's on the CPU.
 
 XLA:CPU runs small-channel convolutions, and above all their gradients, several times slower
-than oneDNN's direct kernels (the ones PyTorch uses). `cnnjax/_onednn.so` (built by `make`
-from `csrc/onednn_conv.cc`, needs Debian's `libdnnl-dev`) exposes oneDNN's forward,
-backward-data and backward-weights convolutions as XLA FFI custom calls; `conv_general_dilated`
-uses them, with a custom VJP, inside `with backend("onednn")` (or "auto" on a CPU, when the
-library is built) for float32 NHWC convolutions without input dilation or groups, and XLA's
-everywhere else. Tracing outside such a block (analysis, cost checks) always gets XLA's.
+than oneDNN's kernels (the ones PyTorch uses). `cnnjax/_onednn.so` (built by `make onednn`
+from `csrc/onednn_conv.cc` against the `onednn` extra's oneDNN 3.2) exposes oneDNN's forward,
+backward-data and backward-weights convolutions, bias included, as XLA FFI custom calls. `conv`
+uses them, with a custom VJP, inside `with backend("onednn")` (or "auto" on a CPU when the
+library is built) for float32 convolutions without groups, and XLA's everywhere else. Tracing
+outside such a block (analysis, XLA cost checks) always gets XLA's.
 """
 
 import contextlib
@@ -25,8 +25,8 @@ from cnnjax.geometry import conv_output_size
 
 LIBRARY = Path(__file__).with_name("_onednn.so")
 BACKENDS = ("xla", "onednn", "auto")
-BUILD_HINT = "build it with `make onednn` (needs `apt-get install libdnnl-dev`)"
-_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # NHWC, HWIO, NHWC
+BUILD_HINT = "build it with `make onednn` (pip extra `onednn` and a C++ compiler)"
+NHWC = ("NHWC", "HWIO", "NHWC")
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("conv_backend", default="xla")
 
 
@@ -58,7 +58,9 @@ def resolve(name: str) -> str:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
-    """Convolutions traced inside use backend `name` (see `resolve`); yields the one chosen."""
+    """Convolutions traced inside use backend `name` (see `resolve`); yields the one chosen.
+    jit caches a function's trace without looking at the backend: trace inside the block
+    (a new jitted function, or `.lower(...).compile()`)."""
     chosen = resolve(name)
     token = _backend.set(chosen)
     try:
@@ -67,58 +69,54 @@ def backend(name: str) -> Iterator[str]:
         _backend.reset(token)
 
 
-def conv_general_dilated(
-    lhs: jnp.ndarray,
-    rhs: jnp.ndarray,
-    window_strides: Sequence[int],
+def conv(
+    x_BxHxWxC: jnp.ndarray,
+    kernel_HxWxIxO: jnp.ndarray,
+    bias_O: jnp.ndarray | None,
+    strides: tuple[int, int],
     padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    precision=None,
-    **kw,
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
 ) -> jnp.ndarray:
-    """`lax.conv_general_dilated`'s signature (what `flax.linen.Conv` calls)."""
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    fast = (
-        _backend.get() == "onednn"
-        and not kw
-        and lhs.ndim == 4
-        and lhs.dtype == rhs.dtype == jnp.float32
-        and feature_group_count == 1
-        and all(d == 1 for d in lhs_dilation or (1, 1))
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
-    )
+    """A 2D convolution plus bias. oneDNN's (bias inside its kernels) for float32 without
+    groups inside `backend("onednn")`; XLA's `conv_general_dilated` and an add otherwise."""
+    x, w = x_BxHxWxC, kernel_HxWxIxO
+    fast = _backend.get() == "onednn" and x.dtype == w.dtype == jnp.float32 and groups == 1
     if not fast:
-        return lax.conv_general_dilated(
-            *args, feature_group_count=feature_group_count, precision=precision, **kw
+        y = lax.conv_general_dilated(
+            x,
+            w,
+            strides,
+            padding,
+            rhs_dilation=dilation,
+            dimension_numbers=NHWC,
+            feature_group_count=groups,
         )
-    kernel_hw = rhs.shape[:2]
-    dilation = tuple(rhs_dilation or (1, 1))
+        return y if bias_O is None else y + bias_O.astype(y.dtype)
     if isinstance(padding, str):
-        span = [d * (k - 1) + 1 for k, d in zip(kernel_hw, dilation, strict=True)]
-        padding = lax.padtype_to_pads(lhs.shape[1:3], span, window_strides, padding)
-    n, h, w, c = lhs.shape
+        span = [d * (k - 1) + 1 for k, d in zip(w.shape[:2], dilation, strict=True)]
+        padding = lax.padtype_to_pads(x.shape[1:3], span, strides, padding)
+    n, h, wd, c = x.shape
     geometry = (
         n,
         c,
         h,
-        w,
-        rhs.shape[3],
-        *kernel_hw,
-        *window_strides,
+        wd,
+        w.shape[3],
+        *w.shape[:2],
+        *strides,
         *(lo for lo, _ in padding),
         *(hi for _, hi in padding),
         *dilation,
     )
-    return _conv(lhs, rhs, tuple(int(g) for g in geometry))
+    no_bias = jnp.zeros((0,), jnp.float32)  # a zero-length bias: none
+    return _conv(x, w, no_bias if bias_O is None else bias_O, tuple(int(g) for g in geometry))
 
 
-def _call(target: str, shape: tuple[int, ...], a: jnp.ndarray, b: jnp.ndarray, geometry):
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+def _call(target: str, shapes: list[tuple[int, ...]], *operands: jnp.ndarray, geometry):
+    out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
     call = jax.ffi.ffi_call(f"cnnjax_conv_{target}", out, vmap_method="sequential")
-    return call(a, b, geometry=np.asarray(geometry, np.int64))
+    return call(*operands, geometry=np.asarray(geometry, np.int64))
 
 
 def _output_shape(geometry: tuple[int, ...]) -> tuple[int, ...]:
@@ -127,20 +125,20 @@ def _output_shape(geometry: tuple[int, ...]) -> tuple[int, ...]:
     return (n, oh, conv_output_size(w, kw, sw, (plw, phw), dw), o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x: jnp.ndarray, w: jnp.ndarray, geometry: tuple[int, ...]) -> jnp.ndarray:
-    return _call("forward", _output_shape(geometry), x, w, geometry)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv(x, w, b, geometry: tuple[int, ...]) -> jnp.ndarray:
+    return _call("forward", [_output_shape(geometry)], x, w, b, geometry=geometry)[0]
 
 
-def _conv_fwd(x, w, geometry):
-    return _conv(x, w, geometry), (x, w)
+def _conv_fwd(x, w, b, geometry):
+    return _conv(x, w, b, geometry), (x, w, b.shape)
 
 
 def _conv_bwd(geometry, residuals, dy):
-    x, w = residuals
-    dx = _call("backward_data", x.shape, dy, w, geometry)
-    dw = _call("backward_weights", w.shape, x, dy, geometry)
-    return dx, dw
+    x, w, b_shape = residuals
+    (dx,) = _call("backward_data", [x.shape], dy, w, geometry=geometry)
+    dw, db = _call("backward_weights", [w.shape, b_shape], x, dy, geometry=geometry)
+    return dx, dw, db
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
