@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,10 +33,14 @@ _backend: contextvars.ContextVar[str] = contextvars.ContextVar("conv_backend", d
 
 @functools.cache
 def available() -> bool:
-    """True when the library is built; registers its three custom calls on first use."""
+    """True when the library is built and loads; registers its three custom calls once."""
     if not LIBRARY.exists():
         return False
-    lib = ctypes.cdll.LoadLibrary(str(LIBRARY))
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(LIBRARY))
+    except OSError as e:  # e.g. built against a venv that is gone
+        warnings.warn(f"{LIBRARY} does not load ({e}); {BUILD_HINT}", stacklevel=2)
+        return False
     for name in ("forward", "backward_data", "backward_weights"):
         target = f"cnnjax_conv_{name}"
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), "cpu")
@@ -43,13 +48,13 @@ def available() -> bool:
 
 
 def resolve(name: str) -> str:
-    """ "xla" or "onednn" for a configured backend name; "auto" means oneDNN on a CPU when the
-    library is built. Asking for "onednn" without the library is an error naming the fix."""
+    """The backend, "xla" or "onednn", that a configured name selects; "auto" means oneDNN on a
+    CPU when the library is available. "onednn" without it is an error naming the fix."""
     if name not in BACKENDS:
         raise ValueError(f"unknown convolution backend {name!r}; choose one of {BACKENDS}")
     on_cpu = jax.default_backend() == "cpu"
     if name == "onednn" and not (on_cpu and available()):
-        why = "runs on the CPU only" if not on_cpu else f"is not built ({LIBRARY}); {BUILD_HINT}"
+        why = f"is not available ({LIBRARY}); {BUILD_HINT}" if on_cpu else "runs on CPUs only"
         raise RuntimeError(f"the oneDNN convolution {why}")
     if name == "auto":
         return "onednn" if on_cpu and available() else "xla"
