@@ -31,6 +31,7 @@ import optax
 import tensorflow_datasets as tfds
 from flax import linen as nn
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from jax.experimental.compilation_cache import compilation_cache
 from omegaconf import DictConfig, OmegaConf
@@ -499,9 +500,16 @@ def resume(
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Entry point; returns the test accuracy (the objective of sweeps)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run(cfg, run_dir).get("test_accuracy", math.nan)
+    """Entry point; returns the test accuracy (the objective of sweeps). In a sweep, a job that
+    fails or diverges returns NaN (its summary.json says why) and the sweep goes on."""
+    hydra_cfg = HydraConfig.get()
+    try:
+        return run(cfg, Path(hydra_cfg.runtime.output_dir)).get("test_accuracy", math.nan)
+    except Exception:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        log.exception("job %s failed; the sweep goes on", hydra_cfg.job.num)
+        return math.nan
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cnnjax import train
 
@@ -145,6 +146,41 @@ def test_multirun_gives_each_job_its_directory(tmp_path, idx_dir):
     assert by_model["lenet"]["params"] == 81_194
     assert "resize 28x28 -> 32x32" in by_model["lenet"]["input_adaptation"]
     assert all(s["status"] == "completed" for s in by_model.values())
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, idx_dir):
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        tmp_path,
+        idx_dir,
+        "trainer.batch_size=1000000,32",  # job 0 cannot make one batch
+        "trainer.max_steps=3",
+        f"hydra.sweep.dir={sweep}",
+        multirun=True,
+    )
+    failed, completed = (json.loads((sweep / f"{j}/summary.json").read_text()) for j in (0, 1))
+    assert failed["status"] == "failed" and "exceeds the" in failed["error"]
+    assert completed["status"] == "completed"
+    assert "job 0 failed; the sweep goes on" in proc.stderr + proc.stdout
+
+
+def test_optuna_search_of_two_trials(tmp_path, idx_dir):
+    sweep = tmp_path / "optuna"
+    cli(
+        tmp_path,
+        idx_dir,
+        "hparams_search=learning_rate",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_steps=3",
+        f"hydra.sweep.dir={sweep}",
+        multirun=True,
+    )
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert [t["status"] for t in trials] == ["completed", "completed"]
+    rates = [yaml.safe_load((sweep / f"{j}/.hydra/overrides.yaml").read_text()) for j in (0, 1)]
+    assert all(any(o.startswith("optimizer.learning_rate=") for o in r) for r in rates)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(t["test_accuracy"] for t in trials)
 
 
 def test_divergence_stops_with_status_and_advice(tmp_path, idx_dir):
