@@ -43,8 +43,6 @@ from omegaconf import DictConfig
 
 from cnnjax import analysis, engine, onednn, train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # this module's and cnnjax.train's
-
 
 def _window(step: Callable[[], object], steps: int, batch_size: int) -> float:
     """Images/s of `steps` calls; `step` returns something to wait on."""
@@ -196,9 +194,9 @@ def _platform() -> dict:
 
 def compose_train(overrides: list[str]) -> DictConfig:
     """conf/train.yaml with `overrides`, as `python -m cnnjax.train` composes it."""
-    if GlobalHydra.instance().is_initialized():  # inside main(): the search path is CONF_DIR
+    if GlobalHydra.instance().is_initialized():  # inside main(): its search path
         return compose("train", overrides=overrides)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(train.CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 

@@ -157,19 +157,23 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def read_curve(path: Path) -> tuple[tuple[float, float], ...]:
-    """(epoch, accuracy) of the test lines of a metrics.jsonl; a torn last line is skipped."""
-    if not path.is_file():
-        return ()
-    curve = []
-    for line in path.read_text().splitlines():
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl (none when it is missing); a torn last line is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        if row.get("split") == "test":
-            curve.append((float(row["epoch"]), float(row["accuracy"])))
-    return tuple(curve)
+    return rows
+
+
+def read_curve(path: Path) -> tuple[tuple[float, float], ...]:
+    """(epoch, accuracy) of the test lines of a metrics.jsonl."""
+    rows = read_metrics(path)
+    return tuple(
+        (float(r["epoch"]), float(r["accuracy"])) for r in rows if r.get("split") == "test"
+    )
 
 
 def load_run(path: Path, root: Path) -> Run:

@@ -41,6 +41,7 @@ from cnnjax import analysis, checkpoint, data, engine, onednn
 from cnnjax.artifacts import RunWriter
 
 log = logging.getLogger("cnnjax.train")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # every entry point's configs
 COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
 
 
@@ -157,6 +158,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             summary["total_wall_s"],
             run_dir,
         )
+        if cfg.trainer.visualize:
+            draw_pictures(run_dir)
         if summary.get("reached_target"):
             log.info(
                 "reached the target accuracy %s at step %d (epoch %s), %.1f s into training",
@@ -166,6 +169,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 summary["target_train_wall_s"],
             )
     return summary
+
+
+def draw_pictures(run_dir: Path) -> None:
+    """`cnnjax.visualize`'s pictures of the run, with conf/visualize.yaml's settings."""
+    from cnnjax import visualize  # it builds on this module
+
+    settings = OmegaConf.load(CONF_DIR / "visualize.yaml")
+    settings.run_dir = str(run_dir)
+    log.info("\n".join(visualize.visualize(settings).lines))
 
 
 class Recipe(NamedTuple):

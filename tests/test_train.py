@@ -148,6 +148,20 @@ def test_multirun_gives_each_job_its_directory(tmp_path, idx_dir):
     assert all(s["status"] == "completed" for s in by_model.values())
 
 
+def test_visualize_at_the_end_of_training(tmp_path, idx_dir):
+    run_dir = tmp_path / "run"
+    cli(
+        tmp_path,
+        idx_dir,
+        "trainer.max_steps=3",
+        "trainer.visualize=true",
+        f"hydra.run.dir={run_dir}",
+    )
+    pictures = {p.name for p in (run_dir / "visualize").glob("*.png")}
+    assert pictures == {"kernels.png", "receptive_field.png", "curves.png", "confusion.png"}
+    assert len(list((run_dir / "visualize" / "feature_maps").glob("*.png"))) == 7  # 7 convs
+
+
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, idx_dir):
     sweep = tmp_path / "sweep"
     proc = cli(
