@@ -99,18 +99,14 @@ def torch_runners(
     batch, NCHW."""
     import torch
 
-    from cnnjax import torch_twin
+    from cnnjax import torch_reference, torch_twin
 
     net = torch_twin.build(table, variables)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)).permute(0, 3, 1, 2)
     labels = torch.from_numpy(rng.integers(0, num_classes, shape[0]).astype(np.int64))
-    opt = torch.optim.SGD(
-        net.parameters(),
-        lr=optimizer_cfg.learning_rate,
-        momentum=optimizer_cfg.get("momentum") or 0.0,
-        nesterov=bool(optimizer_cfg.get("nesterov")),
-    )
+    cls, args = torch_reference.torch_optimizer(optimizer_cfg)
+    opt = cls(net.parameters(), lr=optimizer_cfg.learning_rate, **args)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train_step():

@@ -3,7 +3,7 @@ config's recipe, trained with the PyTorch twin until a test accuracy.
 
 What is the same as `cnnjax.train`: the initial weights (the twin gets the Flax model's), the
 data (`train.prepare` loads it), the preprocessing (uint8 / 255, then the dataset's mean and
-std), every epoch's batch order (`train.epoch_order`), the step plan, the optimizer (the torch
+std), every epoch's batches (`train.epoch_plan`), the step plan, the optimizer (the torch
 equal of the configured optax one, with optax's defaults), the learning rate of every step (the
 configured schedule function, evaluated in Python), label smoothing, gradient clipping and when
 the test split is evaluated. Dropout masks come from torch's generator, not JAX's, and torch's
@@ -13,7 +13,6 @@ by `check`, before anything trains.
 """
 
 import inspect
-import math
 import time
 
 import jax
@@ -163,12 +162,11 @@ def train_to_target(cfg: DictConfig, target: float) -> dict:
     r = train.prepare(cfg)
     twin = TwinTrainer(cfg, r)
     accuracy, reached = None, False
-    for epoch in range(1, math.ceil(r.total_steps / r.steps_per_epoch) + 1):
-        order = train.epoch_order(t.seed, epoch)
-        for idx in data.epoch_batches(len(twin.train_labels), t.batch_size, order):
+    for epoch, batches in train.epoch_plan(
+        t.seed, len(twin.train_labels), t.batch_size, r.total_steps
+    ):
+        for idx in batches:
             twin.train_step(idx)
-            if twin.step == r.total_steps:
-                break
         if epoch % t.eval_every == 0 or twin.step == r.total_steps:
             accuracy = twin.test_accuracy()
             if accuracy >= target:

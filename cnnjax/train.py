@@ -14,12 +14,13 @@ reaches it; the summary says when (`reached_target`, `target_step`, `target_epoc
 """
 
 import functools
+import itertools
 import logging
 import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -235,6 +236,21 @@ def epoch_order(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def epoch_plan(
+    seed: int, n_train: int, batch_size: int, total_steps: int, start_step: int = 0
+) -> Iterator[tuple[int, Iterator[np.ndarray]]]:
+    """Each epoch from the one holding `start_step` on, with its index batches still to train
+    (the order depends on the seed and the epoch alone, so a resumed run trains on the same
+    batches); the last epoch ends at `total_steps`."""
+    per_epoch = n_train // batch_size
+    for epoch in range(start_step // per_epoch + 1, math.ceil(total_steps / per_epoch) + 1):
+        first = (epoch - 1) * per_epoch  # steps before this epoch
+        done = max(start_step - first, 0)
+        order = epoch_order(seed, epoch)
+        batches = data.epoch_batches(n_train, batch_size, order, skip=done)
+        yield epoch, itertools.islice(batches, max(min(per_epoch, total_steps - first) - done, 0))
+
+
 def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) -> dict:
     """Set up from `cfg`, resume from the run directory's checkpoints when there are any, and
     loop; returns the summary fields it measured."""
@@ -317,7 +333,7 @@ class Loop:
         t, n_train = self.t, len(train_split.labels_N)
         self.state, self.rng, self.progress = state, rng, progress
         self.step, self.total_steps = int(state.step), total_steps
-        spe = self.steps_per_epoch = n_train // t.batch_size
+        self.steps_per_epoch = n_train // t.batch_size
         reached = self.progress.get("reached_target")  # by the run this one resumes
         if reached and (t.target_accuracy is None or reached["accuracy"] < t.target_accuracy):
             del self.progress["reached_target"]  # a higher target now, or none: train on
@@ -329,19 +345,16 @@ class Loop:
             total=total_steps, initial=self.step, disable=not t.progress, unit="step",
             dynamic_ncols=True,
         )  # fmt: skip
-        for epoch in range(self.step // spe + 1, math.ceil(total_steps / spe) + 1):
+        plan = epoch_plan(t.seed, n_train, t.batch_size, total_steps, self.step)
+        for epoch, batches in plan:
             if self.finished():  # resumed from the final checkpoint, or the target was reached
                 break
-            done = self.step - (epoch - 1) * spe  # batches of this epoch already trained on
-            order = epoch_order(t.seed, epoch)
-            for idx in data.epoch_batches(n_train, t.batch_size, order, skip=done):
+            for idx in batches:
                 images, labels = train_split.images_NxHxWxC[idx], train_split.labels_N[idx]
                 self.state, metrics = train_step(
                     self.state, {"image": images, "label": labels}, self.rng
                 )
                 self.after_step(metrics)
-                if self.step == total_steps:
-                    break
             if epoch % t.eval_every == 0 or self.step == total_steps:
                 self.evaluate(epoch)
             self.save()  # every epoch end, after its evaluation
