@@ -7,14 +7,18 @@ from tensorboardX import SummaryWriter
 
 
 class RunWriter:
-    """The side effects of a run: metrics lines, TensorBoard events and the summary."""
+    """The side effects of a run: metrics lines, TensorBoard events and the summary. In a run
+    of several processes only process 0's writer (`primary`) writes; the others' do nothing."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, primary: bool = True):
+        self.run_dir, self.primary = run_dir, primary
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.events = SummaryWriter(str(run_dir))  # TensorBoard: tensorboard --logdir outputs
+        # TensorBoard: tensorboard --logdir outputs
+        self.events = SummaryWriter(str(run_dir)) if primary else None
 
     def metrics(self, **row) -> None:
+        if not self.primary:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in row.items():
@@ -24,7 +28,7 @@ class RunWriter:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop the lines of steps after `after_step` (a resumed run writes them again)."""
-        if self.metrics_path.exists():
+        if self.primary and self.metrics_path.exists():
             lines = self.metrics_path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if json.loads(line)["step"] <= after_step]
             tmp = self.metrics_path.with_suffix(".tmp")
@@ -32,9 +36,12 @@ class RunWriter:
             tmp.replace(self.metrics_path)
 
     def summary(self, **fields) -> None:
+        if not self.primary:
+            return
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(fields, indent=2) + "\n")
         tmp.replace(self.run_dir / "summary.json")  # atomic: never a half-written summary
 
     def close(self) -> None:
-        self.events.close()
+        if self.events is not None:
+            self.events.close()

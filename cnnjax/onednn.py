@@ -47,26 +47,32 @@ def available() -> bool:
     return True
 
 
-def resolve(name: str) -> str:
-    """The backend, "xla" or "onednn", that a configured name selects; "auto" means oneDNN on a
-    CPU when the library is available. "onednn" without it is an error naming the fix."""
+def resolve(name: str, devices: int = 1) -> str:
+    """The backend, "xla" or "onednn", that a configured name selects for a computation over
+    `devices` devices; "auto" means oneDNN on a single CPU device when the library is available.
+    "onednn" where it cannot run is an error naming the fix: without the library, off the CPU,
+    or over several devices (XLA cannot split a custom call's batch between devices)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown convolution backend {name!r}; choose one of {BACKENDS}")
     on_cpu = jax.default_backend() == "cpu"
-    if name == "onednn" and not (on_cpu and available()):
-        why = f"is not available ({LIBRARY}); {BUILD_HINT}" if on_cpu else "runs on CPUs only"
-        raise RuntimeError(f"the oneDNN convolution {why}")
+    if name == "onednn" and not (on_cpu and available() and devices == 1):
+        why = (
+            f"is not available ({LIBRARY}); {BUILD_HINT}"
+            if not on_cpu or not available()
+            else f"runs on one device, not {devices}: use conv_backend=auto or xla"
+        )
+        raise RuntimeError(f"the oneDNN convolution {why if on_cpu else 'runs on CPUs only'}")
     if name == "auto":
-        return "onednn" if on_cpu and available() else "xla"
+        return "onednn" if on_cpu and available() and devices == 1 else "xla"
     return name
 
 
 @contextlib.contextmanager
-def backend(name: str) -> Iterator[str]:
+def backend(name: str, devices: int = 1) -> Iterator[str]:
     """Convolutions traced inside use backend `name` (see `resolve`); yields the one chosen.
     jit caches a function's trace without looking at the backend: trace inside the block
     (a new jitted function, or `.lower(...).compile()`)."""
-    chosen = resolve(name)
+    chosen = resolve(name, devices)
     token = _backend.set(chosen)
     try:
         yield chosen

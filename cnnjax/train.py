@@ -38,7 +38,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from cnnjax import analysis, checkpoint, data, engine, onednn
+from cnnjax import analysis, checkpoint, data, engine, onednn, parallel
 from cnnjax.artifacts import RunWriter
 
 log = logging.getLogger("cnnjax.train")
@@ -104,9 +104,15 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def evaluate(eval_fn, state: engine.TrainState, split: data.Split, batch_size: int) -> dict:
-    """Mean loss and accuracy over the whole split."""
-    sums = [eval_fn(state, batch) for batch in data.eval_batches(split, batch_size)]
+def evaluate(
+    eval_fn, state: engine.TrainState, split: data.Split, batch_size: int, lay: parallel.Layout
+) -> dict:
+    """Mean loss and accuracy over the whole split; each process feeds its rows of every batch."""
+    rows = parallel.process_rows(lay, batch_size)
+    sums = []
+    for batch in data.eval_batches(split, batch_size):
+        mine = {k: v[rows] for k, v in batch.items()}
+        sums.append(eval_fn(state, parallel.shard_batch(lay, mine, batch_size)))
     totals = {k: float(np.sum([s[k] for s in jax.device_get(sums)])) for k in sums[0]}
     return {
         "loss": totals["loss_sum"] / totals["count"],
@@ -118,15 +124,26 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train and evaluate as `cfg` says, writing into `run_dir`; returns the summary."""
     start = time.perf_counter()
     cache_dir = use_compilation_cache(cfg.trainer.compilation_cache_dir)
+    d = cfg.distributed
+    parallel.initialize(
+        d.initialize, d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives,
+        d.initialization_timeout_s,
+    )  # fmt: skip
+    run_dir = Path(parallel.agree(str(run_dir.absolute())))  # process 0's directory for all
+    primary = jax.process_index() == 0  # only process 0 writes files and logs progress
+    if not primary:
+        logging.getLogger("cnnjax").setLevel(logging.WARNING)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    writer = RunWriter(run_dir)
+    if primary:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    writer = RunWriter(run_dir, primary)
     summary = {
         "status": "running",
         "model": HydraConfig.get().runtime.choices["model"],
         "dataset": cfg.dataset.name,
         "run_dir": str(run_dir),
         "device": str(jax.devices()[0].device_kind),
+        "processes": jax.process_count(),
         "jax_version": jax.__version__,
         "compilation_cache_dir": cache_dir,
     }
@@ -159,7 +176,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             summary["total_wall_s"],
             run_dir,
         )
-        if cfg.trainer.visualize:
+        if cfg.trainer.visualize and primary:
             draw_pictures(run_dir)
         if summary.get("reached_target"):
             log.info(
@@ -257,17 +274,22 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
     t, ds = cfg.trainer, cfg.dataset
     if not t.progress:
         tfds.disable_progress_bar()
+    lay = parallel.layout(cfg.distributed.devices)
+    parallel.check_batch_size(t.batch_size, lay, "trainer.batch_size")
+    parallel.check_batch_size(t.eval_batch_size, lay, "trainer.eval_batch_size")
     r = prepare(cfg)
     log.info("input adaptation for %s: %s", type(r.model).__name__, r.adaptation)
     for warning in r.table.warnings:
         log.warning(warning)
     checkpoints = checkpoint.Checkpoints(writer.run_dir / "checkpoints", t.keep_checkpoints)
-    state, rng, progress = resume(checkpoints, r.state, r.rng, t.resume, writer)
+    state, rng = parallel.replicate((r.state, r.rng), lay)
+    state, rng, progress = resume(checkpoints, state, rng, t.resume, writer)
     n_params = engine.count_params(state.params)
     final = r.table.rows[-1]
     log.info(
         "%s: %s params, %.1f M MACs per image, final receptive field %s; "
-        "%d train / %d test examples; %d steps (%d per epoch, batch %d)",
+        "%d train / %d test examples; %d steps (%d per epoch, batch %d over %d device(s) of %d "
+        "process(es))",
         type(r.model).__name__,
         f"{n_params:,}",
         r.table.totals.macs / 1e6,
@@ -277,6 +299,8 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
         r.total_steps,
         r.steps_per_epoch,
         t.batch_size,
+        lay.device_count,
+        lay.process_count,
     )
     augment = data.make_augment(**(ds.get("augment") or {}))
     train_step = jax.jit(
@@ -287,13 +311,22 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
             label_smoothing=t.label_smoothing,
             compute_dtype=COMPUTE_DTYPES[t.precision],
         ),
+        in_shardings=(lay.replicated, lay.batch, lay.replicated),
+        out_shardings=lay.replicated,
         donate_argnums=0,
     )
-    eval_step = jax.jit(functools.partial(engine.eval_step, preprocess=r.preprocess))
+    eval_step = jax.jit(
+        functools.partial(engine.eval_step, preprocess=r.preprocess),
+        in_shardings=(lay.replicated, lay.batch),
+        out_shardings=lay.replicated,
+    )
 
-    loop = Loop(cfg.trainer, cfg.optimizer.learning_rate, r.schedule, writer, stop, checkpoints)
+    loop = Loop(
+        cfg.trainer, cfg.optimizer.learning_rate, r.schedule, writer, stop, checkpoints, lay
+    )
     splits = (r.train_split, r.test_split)
-    with onednn.backend(t.conv_backend) as conv_backend:  # the steps are traced inside
+    # the steps are traced inside; oneDNN's custom calls run on one device only
+    with onednn.backend(t.conv_backend, lay.device_count) as conv_backend:
         log.info("convolutions: %s (trainer.conv_backend=%s)", conv_backend, t.conv_backend)
         loop.run(state, rng, progress, (train_step, eval_step), splits, r.total_steps)
     return {
@@ -318,9 +351,10 @@ class Loop:
         writer: RunWriter,
         stop: StopSignals,
         checkpoints: checkpoint.Checkpoints,
+        lay: parallel.Layout,
     ):
         self.t, self.lr, self.schedule = trainer, learning_rate, schedule
-        self.writer, self.stop, self.checkpoints = writer, stop, checkpoints
+        self.writer, self.stop, self.checkpoints, self.lay = writer, stop, checkpoints, lay
         self.compile_s, self.window_images, self.rates = None, 0, []
         self.start = self.window_start = time.perf_counter()
 
@@ -340,20 +374,23 @@ class Loop:
         # metrics of steps not yet logged, carried over when an interrupted run saved them
         carried = self.progress.pop("pending", [])
         self.pending = [{k: np.float32(v) for k, v in m.items()} for m in carried]
-        self.eval = lambda: evaluate(eval_step, self.state, test_split, t.eval_batch_size)
+        self.eval = lambda: evaluate(eval_step, self.state, test_split, t.eval_batch_size, self.lay)
         self.bar = tqdm(
-            total=total_steps, initial=self.step, disable=not t.progress, unit="step",
+            total=total_steps, initial=self.step, disable=not (t.progress and self.writer.primary),
+            unit="step",
             dynamic_ncols=True,
         )  # fmt: skip
         plan = epoch_plan(t.seed, n_train, t.batch_size, total_steps, self.step)
+        rows = parallel.process_rows(self.lay, t.batch_size)
         for epoch, batches in plan:
             if self.finished():  # resumed from the final checkpoint, or the target was reached
                 break
             for idx in batches:
+                idx = idx[rows]  # this process's rows of the global batch
                 images, labels = train_split.images_NxHxWxC[idx], train_split.labels_N[idx]
-                self.state, metrics = train_step(
-                    self.state, {"image": images, "label": labels}, self.rng
-                )
+                batch = {"image": images, "label": labels}
+                batch = parallel.shard_batch(self.lay, batch, t.batch_size)
+                self.state, metrics = train_step(self.state, batch, self.rng)
                 self.after_step(metrics)
             if epoch % t.eval_every == 0 or self.step == total_steps:
                 self.evaluate(epoch)
@@ -428,9 +465,10 @@ class Loop:
         self.progress["test"] = test
         if test["accuracy"] > self.progress["best_test_accuracy"]:
             self.progress |= {"best_test_accuracy": test["accuracy"], "best_epoch": epoch}
-        self.bar.write(
-            f"epoch {epoch}: test loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f}"
-        )
+        if self.writer.primary:
+            self.bar.write(
+                f"epoch {epoch}: test loss {test['loss']:.4f}, accuracy {test['accuracy']:.4f}"
+            )
         target = self.t.target_accuracy
         if target is not None and test["accuracy"] >= target:  # the loop stops at this epoch end
             self.progress["reached_target"] = {

@@ -29,11 +29,14 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def _final_arrays(run_dir: Path) -> dict:
-    """The newest checkpoint's arrays, read back without a template."""
-    with ocp.CheckpointManager((run_dir / "checkpoints").absolute()) as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored.state
+    """The newest checkpoint's arrays, read onto this process's first device whatever the
+    devices and processes that saved them."""
+    path = (run_dir / "checkpoints" / str(_steps(run_dir)[-1]) / "state").absolute()
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path).item_metadata
+        like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here)  # noqa: E731
+        return checkpointer.restore(path, jax.tree.map(like, saved))
 
 
 def _same_run(a: Path, b: Path) -> None:

@@ -1,0 +1,144 @@
+"""Data parallelism on JAX's own runtime: one mesh over the devices of every process.
+
+A run's batch (`trainer.batch_size`) is global: it is split along the mesh's `data` axis, each
+process putting in the rows that land on its own devices (`process_rows`), while parameters and
+optimizer state are replicated. jit partitions the step from these shardings (XLA inserts the
+gradient all-reduce), so the metrics equal a single-device run's up to float summation order.
+Several processes (hosts) join with `jax.distributed` (`initialize`): from the config, from
+`JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`, or from a SLURM or Open MPI
+launch, which JAX detects itself.
+"""
+
+import logging
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger("cnnjax.parallel")
+DATA_AXIS = "data"
+
+
+def launched_as_several_processes() -> bool:
+    """True inside a launch of several processes that `jax.distributed` recognises by itself:
+    an srun step of several SLURM tasks, or an Open MPI job of several ranks."""
+    slurm = "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1
+    return slurm or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+
+
+def initialize(
+    initialize: str | bool = "auto",
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_collectives: str = "gloo",
+    initialization_timeout_s: int = 300,
+) -> bool:
+    """Join this process to the others of the run with `jax.distributed.initialize` (before
+    anything touches a device). `initialize="auto"` joins when a coordinator address is given
+    or a cluster launched several processes; returns whether the process is part of several."""
+    if initialize not in ("auto", True, False):
+        raise ValueError(f"distributed.initialize={initialize!r}: use auto, true or false")
+    wanted = initialize is True or (
+        initialize == "auto" and (bool(coordinator_address) or launched_as_several_processes())
+    )
+    if not wanted:
+        return False
+    if not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout_s,
+        )
+    return True
+
+
+class Layout(NamedTuple):
+    """The mesh and where arrays live on it."""
+
+    mesh: Mesh
+    replicated: NamedSharding  # parameters, optimizer state, keys, metrics
+    batch: NamedSharding  # split along the leading (batch) axis over every device
+
+    @property
+    def device_count(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def process_count(self) -> int:
+        return len({d.process_index for d in self.mesh.devices.flat})
+
+
+def layout(devices: str | int = "all") -> Layout:
+    """A one-axis `data` mesh over every device of every process ("all"), or over this
+    process's device number `devices` alone (one device per job in a parallel sweep)."""
+    if devices == "all":
+        chosen = jax.devices()
+    else:
+        local = jax.local_devices()
+        if not (isinstance(devices, int) and 0 <= devices < len(local)):
+            raise ValueError(
+                f"distributed.devices={devices!r}: use all, or a device number below "
+                f"{len(local)} (this process has {len(local)}: {local})"
+            )
+        chosen = [local[devices]]
+    mesh = Mesh(np.array(chosen), (DATA_AXIS,))
+    return Layout(mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def check_batch_size(batch_size: int, lay: Layout, key: str) -> None:
+    """A global batch must split evenly over the devices."""
+    n = lay.device_count
+    if batch_size % n:
+        lower, upper = batch_size // n * n, (batch_size // n + 1) * n
+        raise ValueError(
+            f"{key}={batch_size} does not split over {n} devices: use a multiple of {n} "
+            f"(e.g. {lower or upper} or {upper})"
+        )
+
+
+def process_rows(lay: Layout, batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold."""
+    spans = lay.batch.addressable_devices_indices_map((batch_size,)).values()
+    starts = [s[0].indices(batch_size)[0] for s in spans]
+    stops = [s[0].indices(batch_size)[1] for s in spans]
+    return slice(min(starts), max(stops))
+
+
+def shard_batch(lay: Layout, rows: dict[str, np.ndarray], batch_size: int) -> dict[str, Any]:
+    """Global arrays of a batch from this process's `rows` of it (see `process_rows`)."""
+    return {
+        k: jax.make_array_from_process_local_data(lay.batch, v, (batch_size, *v.shape[1:]))
+        for k, v in rows.items()
+    }
+
+
+def replicate(tree: Any, lay: Layout) -> Any:
+    """Every array of `tree` (equal in every process) on every device of the mesh, those of
+    other processes included (which `jax.device_put` cannot reach)."""
+
+    def put(x: jax.Array | int) -> jax.Array:
+        x = jax.numpy.asarray(x)  # e.g. a new state's step, a Python int
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(x)
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+        return jax.make_array_from_process_local_data(lay.replicated, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+
+def agree(text: str) -> str:
+    """Process 0's `text` in every process (e.g. the run directory, which must be shared)."""
+    if jax.process_count() == 1:
+        return text
+    data = np.zeros(4096, np.uint8)
+    raw = text.encode()[: data.size]
+    data[: len(raw)] = np.frombuffer(raw, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(data[data != 0]).decode()
