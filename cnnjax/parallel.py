@@ -75,16 +75,19 @@ class Layout(NamedTuple):
         return len({d.process_index for d in self.mesh.devices.flat})
 
 
-def layout(devices: str | int = "all") -> Layout:
-    """A one-axis `data` mesh over every device of every process ("all"), or over this
-    process's device number `devices` alone (one device per job in a parallel sweep)."""
+def layout(devices: str | int = "all", job_num: int = 0) -> Layout:
+    """A one-axis `data` mesh over every device of every process ("all"), or over one device
+    of this process: number `devices`, or with "per_job" number `job_num` modulo their count
+    (each job of a parallel sweep on a device of its own)."""
+    local = jax.local_devices()
+    if devices == "per_job":
+        devices = job_num % len(local)
     if devices == "all":
         chosen = jax.devices()
     else:
-        local = jax.local_devices()
         if not (isinstance(devices, int) and 0 <= devices < len(local)):
             raise ValueError(
-                f"distributed.devices={devices!r}: use all, or a device number below "
+                f"distributed.devices={devices!r}: use all, per_job or a device number below "
                 f"{len(local)} (this process has {len(local)}: {local})"
             )
         chosen = [local[devices]]

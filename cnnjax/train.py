@@ -274,7 +274,7 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: StopSignals) ->
     t, ds = cfg.trainer, cfg.dataset
     if not t.progress:
         tfds.disable_progress_bar()
-    lay = parallel.layout(cfg.distributed.devices)
+    lay = parallel.layout(cfg.distributed.devices, HydraConfig.get().job.get("num") or 0)
     parallel.check_batch_size(t.batch_size, lay, "trainer.batch_size")
     parallel.check_batch_size(t.eval_batch_size, lay, "trainer.eval_batch_size")
     r = prepare(cfg)

@@ -14,10 +14,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from test_checkpoint import _final_arrays
-from test_train import read_jsonl
+from test_train import cli, read_jsonl
 
 from cnnjax import onednn, parallel
+from cnnjax.train import CONF_DIR
 
 TIMEOUT_S = 300
 ARGS = (
@@ -148,7 +150,8 @@ def test_one_device_layout():
     batch = parallel.shard_batch(lay, {"x": np.arange(8)}, 8)
     np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(8))
     assert parallel.layout(0).device_count == 1
-    with pytest.raises(ValueError, match="distributed.devices=3: use all, or a device number"):
+    assert parallel.layout("per_job", job_num=5).device_count == 1  # 5 mod 1 device: device 0
+    with pytest.raises(ValueError, match="distributed.devices=3: use all, per_job or a device"):
         parallel.layout(3)
     assert parallel.agree("outputs/run") == "outputs/run"
 
@@ -188,3 +191,25 @@ def test_onednn_convolutions_stay_on_one_device():
     assert onednn.resolve("auto", devices=2) == "xla"
     with pytest.raises(RuntimeError, match="runs on one device, not 2"):
         onednn.resolve("onednn", devices=2)
+
+
+def test_launcher_configs_compose():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2"]
+        slurm = compose("train", overrides + ["hydra.launcher.gpus_per_node=4"], True).hydra
+        local = compose("train", ["hydra/launcher=parallel"], return_hydra_config=True).hydra
+    assert slurm.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm.launcher.nodes, slurm.launcher.tasks_per_node) == (2, 4)  # a process per GPU
+    assert local.launcher._target_.endswith("joblib_launcher.JoblibLauncher")
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_gives_each_job_a_device(tmp_path, idx_dir):
+    """Two jobs at once with hydra/launcher=parallel (joblib); on this CPU both get device 0."""
+    sweep = tmp_path / "sweep"
+    overrides = ["hydra/launcher=parallel", "distributed.devices=per_job", "trainer.seed=0,1"]
+    overrides += ["trainer.max_steps=4", f"hydra.sweep.dir={sweep}"]
+    cli(tmp_path, idx_dir, *overrides, multirun=True)
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 4
