@@ -5,11 +5,13 @@ multirun job that crashed before writing its summary: status "failed"). The over
 differ between runs become columns; runs that differ only in `trainer.seed` form a group, with
 the mean and sample standard deviation of their test accuracy. Writes `report.csv` (one row per
 run), `report.md` (the groups, best first, and every run that did not complete, with its error)
-and PNG plots (matplotlib, Agg) into `--out` (default: <dir>).
+and PNG plots (matplotlib, Agg) into `--out` (default: <dir>); for an Optuna search (the
+directory has `optimization_results.yaml`) also `trials.png`: the trials in order, best so far.
 """
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -31,6 +33,7 @@ NO_SUMMARY = "no summary.json: the job stopped before writing it"
 NO_END = "no final summary: still running, or killed (SIGKILL, out of memory)"
 FIGSIZE = (6.4, 4.8)  # inches; PNGs are FIGSIZE x DPI pixels (640x480)
 DPI = 100
+OPTUNA_RESULTS = "optimization_results.yaml"  # an Optuna sweep's directory has it: trials.png
 HYDRA_MODEL = ("hydra", "runtime", "choices", "model")  # in .hydra/hydra.yaml
 RESULTS = (  # summary.json's fields, taken as they are
     "test_accuracy", "test_loss", "best_test_accuracy", "params", "macs", "train_wall_s",
@@ -375,9 +378,31 @@ def plot_vs_override(groups: list[Group], key: str, path: Path) -> bool:
     return True
 
 
-def plot_jobs(groups: list[Group], keys: list[str]) -> list[tuple[str, Callable, str]]:
-    """(file name, draw(path) -> drawn, why it may be empty) for every plot."""
+def plot_trials(runs: list[Run], path: Path) -> bool:
+    """A search's trials in the order they ran: each one's test accuracy and the best so far.
+    False when no trial completed."""
+    points = [(i, r.test_accuracy) for i, r in enumerate(runs) if r.completed]
+    if not points:
+        return False
+    best = list(itertools.accumulate((a for _, a in points), max))
+    with figure(path, "search trials in the order they ran", "trial") as ax:
+        ax.plot(*zip(*points, strict=True), "o", label="trial")
+        ax.step([i for i, _ in points], best, where="post", label="best so far")
+        failed = [i for i, r in enumerate(runs) if not r.completed]
+        if failed:
+            low = min(a for _, a in points)
+            ax.plot(failed, [low] * len(failed), "x", color="red", label="failed or diverged")
+    return True
+
+
+def plot_jobs(
+    groups: list[Group], keys: list[str], runs: list[Run], search: bool
+) -> list[tuple[str, Callable, str]]:
+    """(file name, draw(path) -> drawn, why it may be empty) for every plot; the trials plot
+    when the runs are an Optuna search (`search`)."""
+    trials = [("trials.png", partial(plot_trials, runs), "no trial completed")] if search else []
     return [
+        *trials,
         ("accuracy_vs_params.png", partial(plot_vs_size, groups, "params", "parameters"),
          "no completed run has params"),
         ("accuracy_vs_macs.png", partial(plot_vs_size, groups, "macs", "MACs per image"),
@@ -406,7 +431,8 @@ def write_report(root: Path, out: Path) -> list[str]:
         f"wrote {out / 'report.csv'}",
         f"wrote {out / 'report.md'}",
     ]
-    for name, draw, why in plot_jobs(groups, numeric_keys(runs, keys)):
+    search = (root / OPTUNA_RESULTS).is_file()
+    for name, draw, why in plot_jobs(groups, numeric_keys(runs, keys), runs, search):
         lines.append(f"wrote {out / name}" if draw(out / name) else f"skipped {name}: {why}")
     return lines
 

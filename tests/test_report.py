@@ -139,6 +139,19 @@ def test_plots_without_data_are_skipped_and_said(tmp_path, capsys):
     assert f"| 0 | failed |  |  | {report.NO_SUMMARY} |" in (tmp_path / "report.md").read_text()
 
 
+def test_an_optuna_search_gets_its_trials_plot(sweep, capsys):
+    report.main([str(sweep)])
+    assert "trials.png" not in capsys.readouterr().out  # a grid sweep: no trials plot
+    (sweep / report.OPTUNA_RESULTS).write_text("name: optuna\nbest_value: 0.92\n")
+    report.main([str(sweep)])
+    assert f"wrote {sweep / 'trials.png'}" in capsys.readouterr().out
+    assert matplotlib.image.imread(sweep / "trials.png").shape == PNG_SHAPE
+    for job in range(4):  # the completed trials crash instead
+        (sweep / str(job) / "summary.json").unlink()
+    report.main([str(sweep)])
+    assert "skipped trials.png: no trial completed" in capsys.readouterr().out
+
+
 def test_a_single_run_dir_is_one_group(sweep):
     runs = report.load_runs(sweep / "0")
     assert [(r.run, r.test_accuracy) for r in runs] == [(".", 0.9)]
