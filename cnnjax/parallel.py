@@ -95,6 +95,17 @@ def layout(devices: str | int = "all", job_num: int = 0) -> Layout:
     return Layout(mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS)))
 
 
+def in_flight_limit(lay: Layout) -> int | None:
+    """How many steps the host may queue before it waits for them; None: no limit.
+
+    XLA:CPU deadlocks a program with collectives over several devices of one process once more
+    than 32 launches queue per device (jax 0.10.2): launches park the client's threads, which
+    are as many as the devices, on a 32-slot semaphore, and the collective that would free a
+    slot cannot gather its participants. Waiting every 16 steps stays clear of it."""
+    local = [d for d in lay.mesh.devices.flat if d.process_index == jax.process_index()]
+    return 16 if len(local) > 1 and local[0].platform == "cpu" else None
+
+
 def check_batch_size(batch_size: int, lay: Layout, key: str) -> None:
     """A global batch must split evenly over the devices."""
     n = lay.device_count
@@ -145,3 +156,9 @@ def agree(text: str) -> str:
     data[: len(raw)] = np.frombuffer(raw, np.uint8)
     data = np.asarray(multihost_utils.broadcast_one_to_all(data))
     return bytes(data[data != 0]).decode()
+
+
+def ring_allreduce_bytes(n_params: int, devices: int, bytes_per_param: int = 4) -> float:
+    """Bytes each device sends (and receives) to all-reduce one step's gradients with a ring:
+    2 (N - 1) / N of the gradients, whatever N; 0 on one device."""
+    return 2 * (devices - 1) / devices * n_params * bytes_per_param

@@ -108,11 +108,13 @@ def evaluate(
     eval_fn, state: engine.TrainState, split: data.Split, batch_size: int, lay: parallel.Layout
 ) -> dict:
     """Mean loss and accuracy over the whole split; each process feeds its rows of every batch."""
-    rows = parallel.process_rows(lay, batch_size)
+    rows, limit = parallel.process_rows(lay, batch_size), parallel.in_flight_limit(lay)
     sums = []
-    for batch in data.eval_batches(split, batch_size):
+    for i, batch in enumerate(data.eval_batches(split, batch_size), 1):
         mine = {k: v[rows] for k, v in batch.items()}
         sums.append(eval_fn(state, parallel.shard_batch(lay, mine, batch_size)))
+        if limit and i % limit == 0:
+            jax.block_until_ready(sums[-1])
     totals = {k: float(np.sum([s[k] for s in jax.device_get(sums)])) for k in sums[0]}
     return {
         "loss": totals["loss_sum"] / totals["count"],
@@ -356,6 +358,7 @@ class Loop:
         self.t, self.lr, self.schedule = trainer, learning_rate, schedule
         self.writer, self.stop, self.checkpoints, self.lay = writer, stop, checkpoints, lay
         self.compile_s, self.window_images, self.rates = None, 0, []
+        self.in_flight_limit = parallel.in_flight_limit(lay)
         self.start = self.window_start = time.perf_counter()
 
     def run(
@@ -416,6 +419,8 @@ class Loop:
             self.window_start = time.perf_counter()
         else:
             self.window_images += t.batch_size
+        if self.in_flight_limit and step % self.in_flight_limit == 0:
+            jax.block_until_ready(metrics)
         epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
         if step % t.log_every == 0 or step % t.checkpoint_every == 0 or epoch_end:
             self.flush()

@@ -128,11 +128,55 @@ def test_two_processes_resume_from_their_checkpoint(tmp_path, idx_dir, one_devic
 @pytest.mark.slow
 def test_two_devices_of_one_process_train_as_one(tmp_path, idx_dir, one_device):
     run_dir = tmp_path / "run"
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = "--xla_force_host_platform_device_count=2"  # a deadlock aborts after 60 s:
+    flags += " --xla_cpu_collective_call_terminate_timeout_seconds=60"
+    env = {"XLA_FLAGS": flags}
     train(tmp_path, idx_dir, run_dir, "trainer.max_steps=6", env=env)
     assert_same_training(one_device, run_dir)
     log = (run_dir / "train.log").read_text()
     assert "batch 32 over 2 device(s) of 1 process(es)" in log
+
+
+QUEUED_COLLECTIVES = """
+import sys
+import jax, jax.numpy as jnp
+from cnnjax import parallel
+
+lay = parallel.layout()
+limit = parallel.in_flight_limit(lay) if sys.argv[1] == "limited" else None
+def step(w, x):  # a chain of steps, each all-reducing over the sharded batch
+    y = jnp.tanh(jnp.tanh(x @ w) @ w)
+    return w - 1e-3 * (y.T @ x) / x.shape[0]
+f = jax.jit(step, in_shardings=(lay.replicated, lay.batch), out_shardings=lay.replicated)
+w = jax.device_put(jnp.eye(256) * 0.5, lay.replicated)
+x = jax.device_put(jnp.ones((512, 256)) * 1e-2, lay.batch)
+for i in range(1, 401):
+    w = f(w, x)
+    if limit and i % limit == 0:
+        jax.block_until_ready(w)
+print("done", limit, float(w.sum()))
+"""
+
+
+@pytest.mark.slow
+def test_queued_collectives_on_two_cpu_devices_need_the_in_flight_limit():
+    """Why the loop waits every `in_flight_limit` steps on several CPU devices of one process:
+    without it, XLA:CPU (jax 0.10.2) deadlocks once 32 launches queue; short rendezvous
+    timeouts turn that deadlock into an abort here. If this jax stops deadlocking, the first
+    assertion fails and the limit can go."""
+    flags = "--xla_force_host_platform_device_count=2"
+    flags += " --xla_cpu_collective_call_warn_stuck_timeout_seconds=5"
+    flags += " --xla_cpu_collective_call_terminate_timeout_seconds=10"
+    env = dict(os.environ, XLA_FLAGS=flags)
+    run = lambda mode: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", QUEUED_COLLECTIVES, mode], env=env, capture_output=True,
+        text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    unlimited = run("unlimited")
+    assert unlimited.returncode != 0 and "rendezvous" in unlimited.stderr
+    limited = run("limited")
+    assert limited.returncode == 0, limited.stderr[-2000:]
+    assert limited.stdout.startswith("done 16 ")
 
 
 def test_a_batch_that_does_not_split_over_the_devices_names_the_fix():
@@ -145,7 +189,7 @@ def test_a_batch_that_does_not_split_over_the_devices_names_the_fix():
 
 def test_one_device_layout():
     lay = parallel.layout()
-    assert lay.device_count == lay.process_count == 1
+    assert lay.device_count == lay.process_count == 1 and parallel.in_flight_limit(lay) is None
     assert parallel.process_rows(lay, 32) == slice(0, 32)
     batch = parallel.shard_batch(lay, {"x": np.arange(8)}, 8)
     np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(8))
@@ -213,3 +257,9 @@ def test_a_parallel_sweep_gives_each_job_a_device(tmp_path, idx_dir):
     for job in ("0", "1"):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == 4
+
+
+def test_ring_allreduce_volume():
+    assert parallel.ring_allreduce_bytes(25_557_032, 1) == 0  # ResNet-50 on one device
+    assert parallel.ring_allreduce_bytes(1000, 2) == 4000  # each sends half, gets half, twice
+    assert parallel.ring_allreduce_bytes(1000, 8) == 7000
