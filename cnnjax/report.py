@@ -281,10 +281,11 @@ def markdown(root: Path, runs: list[Run], groups: list[Group], keys: list[str]) 
         [[*g.values.values(), *(cell(g) for _, cell in columns)] for g in groups],
     )
     failed = [r for r in runs if not r.completed]
+    swept = [k for k in keys if k != "model"]  # a swept model is the model column
     failed_table = md_table(
-        ["run", "status", "model", *keys, "seed", "error"],
+        ["run", "status", "model", *swept, "seed", "error"],
         [
-            [r.run, r.status, fmt(r.model), *(r.overrides.get(k, "") for k in keys), fmt(r.seed),
+            [r.run, r.status, fmt(r.model), *(r.overrides.get(k, "") for k in swept), fmt(r.seed),
              fmt(r.error)]
             for r in failed
         ],

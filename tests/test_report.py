@@ -194,3 +194,13 @@ def test_report_on_a_real_multirun(tmp_path, idx_dir):
     assert "None: every run completed." in (sweep / "report.md").read_text()
     assert f"wrote {sweep / 'accuracy_vs_optimizer_learning_rate.png'}" in proc.stdout
     assert f"wrote {sweep / 'learning_curves.png'}" in proc.stdout
+
+
+def test_a_swept_model_is_one_column_of_the_failed_runs(tmp_path):
+    runs = [
+        report.Run("0", "completed", "lenet", 0, 0.9, overrides={"model": "lenet"}),
+        report.Run("1", "failed", "vgg11", 0, overrides={"model": "vgg11"}, error="boom"),
+    ]
+    md = report.markdown(tmp_path, runs, report.group_runs(runs, ["model"]), ["model"])
+    assert "| run | status | model | seed | error |\n" in md
+    assert "| 1 | failed | vgg11 | 0 | boom |" in md
