@@ -11,6 +11,9 @@ With `trainer.target_accuracy`, the run ends (completed) after the first test ev
 reaches it; the summary says when (`reached_target`, `target_step`, `target_epoch`,
 `target_train_wall_s`). Compilations are kept in JAX's persistent cache,
 `trainer.compilation_cache_dir` (null: off), so that later runs load them instead of compiling.
+
+The steps run data parallel over every device of every process (`cnnjax.parallel`, config
+`distributed`); only process 0 writes the run directory.
 """
 
 import functools
@@ -379,9 +382,8 @@ class Loop:
         self.pending = [{k: np.float32(v) for k, v in m.items()} for m in carried]
         self.eval = lambda: evaluate(eval_step, self.state, test_split, t.eval_batch_size, self.lay)
         self.bar = tqdm(
-            total=total_steps, initial=self.step, disable=not (t.progress and self.writer.primary),
-            unit="step",
-            dynamic_ncols=True,
+            total=total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+            disable=not (t.progress and self.writer.primary),  # process 0 shows progress
         )  # fmt: skip
         plan = epoch_plan(t.seed, n_train, t.batch_size, total_steps, self.step)
         rows = parallel.process_rows(self.lay, t.batch_size)
