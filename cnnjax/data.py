@@ -5,7 +5,9 @@ Local IDX files (Fashion-MNIST from Debian's `dataset-fashion-mnist`, MNIST, KMN
 prepared once by the `IdxImages` builder; nothing is downloaded unless the user asks TFDS to.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import logging
 import os
@@ -133,6 +135,16 @@ def missing_idx_message(name: str, source_dir: str, apt_package: str | None) -> 
 # ---------------------------------------------------------------- loading through TFDS
 
 
+@contextlib.contextmanager
+def preparation_lock(data_dir: str, name: str) -> Iterator[None]:
+    """One process at a time prepares dataset `name` in `data_dir` (the jobs of a parallel
+    sweep, the processes of a distributed run); the others wait, then read what it wrote."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    with (Path(data_dir) / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def load_split(
     name: str,
     split: str,
@@ -154,12 +166,13 @@ def load_split(
         config = IdxConfig(
             name=name, source_dir=source_dir, image_size=image_size, num_classes=num_classes
         )
-        source = tfds.data_source(
-            "idx_images",
-            split=split,
-            data_dir=data_dir,
-            builder_kwargs={"config": config, "file_format": "array_record"},
-        )
+        with preparation_lock(data_dir, f"idx_images-{name}"):
+            source = tfds.data_source(
+                "idx_images",
+                split=split,
+                data_dir=data_dir,
+                builder_kwargs={"config": config, "file_format": "array_record"},
+            )
     else:
         try:
             source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

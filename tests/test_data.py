@@ -1,6 +1,8 @@
 """The IDX builder through TFDS, the missing-data error, input adaptation and batching."""
 
 import gzip
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -28,6 +30,23 @@ def test_idx_round_trip_through_tfds(tmp_path, gz):
         "idx_images-test",
         "idx_images-train",
     ]
+
+
+def test_processes_preparing_one_dataset_at_once_all_get_it(tmp_path):
+    """The jobs of a parallel sweep (or the processes of a distributed run) on a fresh data dir:
+    one prepares, the others wait for it instead of failing on its half-written directory."""
+    arrays = make_idx_dataset(tmp_path / "src", 3000, 10, seed=4)
+    load = (
+        "import sys; from cnnjax import data; "
+        "s = data.load_split('toy', 'train', data_dir=sys.argv[1], source_dir=sys.argv[2]); "
+        "print(int(s.images_NxHxWxC.sum()), int(s.labels_N.sum()))"
+    )
+    args = [sys.executable, "-c", load, str(tmp_path / "tfds"), str(tmp_path / "src")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=300)[0].splitlines()[-1].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    images, labels = arrays["train"]
+    assert outputs == [[str(int(images.sum())), str(int(labels.sum()))]] * 3
 
 
 def test_read_idx_matches_header(tmp_path):
