@@ -179,6 +179,44 @@ def test_queued_collectives_on_two_cpu_devices_need_the_in_flight_limit():
     assert limited.stdout.startswith("done 16 ")
 
 
+SAVE_AND_RESTORE = """
+import sys
+from pathlib import Path
+import jax, numpy as np, optax
+from cnnjax import checkpoint, engine, parallel
+from cnnjax.models.mnist_allconv import MnistAllConv
+
+lay = parallel.layout()
+assert lay.device_count == 2
+tx = optax.adam(1e-3)
+state = engine.create_train_state(MnistAllConv(), tx, (1, 28, 28, 1), jax.random.key(0))
+state, rng = parallel.replicate((state.replace(step=7), jax.random.key(3)), lay)
+saved = checkpoint.Checkpoints(Path(sys.argv[1]), keep=1)
+saved.save(state, rng, {"epoch": 2})
+saved.close()
+fresh = engine.create_train_state(MnistAllConv(), tx, (1, 28, 28, 1), jax.random.key(1))
+template = parallel.replicate((fresh, jax.random.key(0)), lay)
+reopened = checkpoint.Checkpoints(Path(sys.argv[1]), keep=1)
+restored, restored_rng, meta = reopened.restore_latest(*template)
+for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert b.sharding == lay.replicated, b.sharding
+assert (jax.random.key_data(restored_rng) == jax.random.key_data(rng)).all()
+print("restored", int(restored.step), meta)
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_state_on_two_devices_restores_identically(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run(
+        [sys.executable, "-c", SAVE_AND_RESTORE, str(tmp_path / "checkpoints")],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "restored 7 {'epoch': 2}"
+
+
 def test_a_batch_that_does_not_split_over_the_devices_names_the_fix():
     lay = parallel.layout()
     parallel.check_batch_size(33, lay, "trainer.batch_size")  # one device: anything splits
