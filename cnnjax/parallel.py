@@ -126,7 +126,10 @@ def process_rows(lay: Layout, batch_size: int) -> slice:
 
 
 def shard_batch(lay: Layout, rows: dict[str, np.ndarray], batch_size: int) -> dict[str, Any]:
-    """Global arrays of a batch from this process's `rows` of it (see `process_rows`)."""
+    """Global arrays of a batch from this process's `rows` of it (see `process_rows`). A single
+    process holds the whole batch: jit splits it by its `in_shardings`, with less host work."""
+    if lay.process_count == 1:
+        return rows
     return {
         k: jax.make_array_from_process_local_data(lay.batch, v, (batch_size, *v.shape[1:]))
         for k, v in rows.items()
