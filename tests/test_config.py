@@ -1,12 +1,19 @@
 """Every option of every config group composes and instantiates; bad options fail clearly."""
 
+import itertools
 import subprocess
 import sys
+from pathlib import Path
 
 import optax
 import pytest
 from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cnnjax import analysis
 
 
 def options(group: str) -> list[str]:
@@ -73,3 +80,40 @@ def test_experiments_compose_and_instantiate(compose_cfg, name):
     schedule = instantiate(cfg.schedule)(cfg.optimizer.learning_rate, 100)
     tx = instantiate(cfg.optimizer)(learning_rate=schedule)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+STUDIES = CONF_DIR.parent / "experiments"
+SWEEPS = sorted(STUDIES.glob("*/*.yaml"))  # each study's sweep configs (rf_study, zoo_small, ...)
+
+
+def compose_study(path: Path, *overrides: str) -> DictConfig:
+    """A study's sweep config as `--config-dir <study> --config-name <name>` composes it."""
+    with initialize_config_dir(str(path.parent), version_base="1.3"):
+        return compose(path.stem, [f"hydra.searchpath=[file://{CONF_DIR}]", *overrides])
+
+
+def model_jobs(path: Path) -> list[tuple[str, ...]]:
+    """The model overrides of every job of a study's sweep (`model`, `model.*` keys)."""
+    parser = OverridesParser.create()
+    choices = [
+        [f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+        for key, value in OmegaConf.load(path).hydra.sweeper.params.items()
+        if key == "model" or key.startswith("model.")
+    ]
+    return list(itertools.product(*choices))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_model_a_study_sweeps_builds(path):
+    """Each job's model composes from the study's config and its geometry checks out."""
+    jobs = model_jobs(path)
+    assert jobs
+    for job in jobs:
+        model = instantiate(compose_study(path, *job).model)
+        table = analysis.analyze(model, (1, model.input_size, model.input_size, model.in_channels))
+        assert table.rows[-1].output_shape[-1] == 10, job
+
+
+def test_the_zoo_trains_every_model_config():
+    zoo = {o.split("=")[1] for p in STUDIES.glob("zoo/zoo_*.yaml") for (o,) in model_jobs(p)}
+    assert {m.removesuffix("_small") for m in zoo} == set(options("model"))
