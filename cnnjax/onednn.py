@@ -54,16 +54,16 @@ def resolve(name: str, devices: int = 1) -> str:
     or over several devices (XLA cannot split a custom call's batch between devices)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown convolution backend {name!r}; choose one of {BACKENDS}")
-    on_cpu = jax.default_backend() == "cpu"
-    if name == "onednn" and not (on_cpu and available() and devices == 1):
-        why = (
-            f"is not available ({LIBRARY}); {BUILD_HINT}"
-            if not on_cpu or not available()
-            else f"runs on one device, not {devices}: use conv_backend=auto or xla"
-        )
-        raise RuntimeError(f"the oneDNN convolution {why if on_cpu else 'runs on CPUs only'}")
+    problem = (
+        "runs on CPUs only" if jax.default_backend() != "cpu"
+        else f"is not available ({LIBRARY}); {BUILD_HINT}" if not available()
+        else f"runs on one device, not {devices}: use conv_backend=auto or xla" if devices > 1
+        else None
+    )  # fmt: skip
+    if name == "onednn" and problem:
+        raise RuntimeError(f"the oneDNN convolution {problem}")
     if name == "auto":
-        return "onednn" if on_cpu and available() and devices == 1 else "xla"
+        return "xla" if problem else "onednn"
     return name
 
 
