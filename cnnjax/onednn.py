@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnnjax.geometry import conv_output_size
+from cnnjax.geometry import conv_output_size, resolve_padding
 
 LIBRARY = Path(__file__).with_name("_onednn.so")
 BACKENDS = ("xla", "onednn", "auto")
@@ -104,9 +104,9 @@ def conv(
             feature_group_count=groups,
         )
         return y if bias_O is None else y + bias_O.astype(y.dtype)
-    if isinstance(padding, str):
-        span = [d * (k - 1) + 1 for k, d in zip(w.shape[:2], dilation, strict=True)]
-        padding = lax.padtype_to_pads(x.shape[1:3], span, strides, padding)
+    if isinstance(padding, str):  # the analysis's rule, so both agree on every pad
+        sizes = zip(x.shape[1:3], w.shape[:2], strides, dilation, strict=True)
+        padding = [resolve_padding(padding, *size) for size in sizes]
     n, h, wd, c = x.shape
     geometry = (
         n,
