@@ -152,7 +152,7 @@ def throughput(cfg: DictConfig) -> dict:
         "mode": "throughput",
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "batch_size": b.batch_size,
-        **_platform(),
+        **train.platform(),
         "conv_backend": conv_backend,
         "compile_s": round(compile_s, 3),
         "macs_per_image": table.totals.macs,
@@ -181,11 +181,6 @@ def throughput(cfg: DictConfig) -> dict:
         result["eval_ratio"] = round(result["cnnjax_eval_img_s"] / result["torch_eval_img_s"], 3)
     result["mfu"] = None  # against the device's peak: on GPUs only (not measured on CPU)
     return result
-
-
-def _platform() -> dict:
-    """The JAX device and version."""
-    return {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__}
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -219,7 +214,7 @@ def time_to_accuracy(cfg: DictConfig) -> dict:
         "target": target,
         "model": recipe.model._target_.rsplit(".", 1)[-1],
         "dataset": recipe.dataset.name,
-        **_platform(),
+        **train.platform(),
     }
     train.load_dataset(recipe)  # prepared (TFDS) and in the page cache before either side
     result |= _train_cnnjax(overrides)

@@ -69,6 +69,11 @@ def use_compilation_cache(directory: str | None) -> str | None:
     return path
 
 
+def platform() -> dict:
+    """The JAX device and version, as summaries and benchmarks record them."""
+    return {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__}
+
+
 def load_dataset(cfg: DictConfig) -> tuple[data.Split, data.Split]:
     """The train and test splits named by the dataset config."""
     ds = cfg.dataset
@@ -147,9 +152,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "model": HydraConfig.get().runtime.choices["model"],
         "dataset": cfg.dataset.name,
         "run_dir": str(run_dir),
-        "device": str(jax.devices()[0].device_kind),
+        **platform(),
         "processes": jax.process_count(),
-        "jax_version": jax.__version__,
         "compilation_cache_dir": cache_dir,
     }
     writer.summary(**summary)
