@@ -36,8 +36,10 @@ data:
 train: setup data  ## make train ARGS="model=lenet trainer.epochs=3"
 	$(PY) -m cnnjax.train $(ARGS)
 
+# ruff, then the architecture: the import contracts in pyproject.toml ([tool.importlinter])
 lint: setup
-	$(PY) -m ruff check cnnjax tests
+	$(PY) -m ruff check cnnjax tests experiments
+	$(VENV)/bin/lint-imports
 
 test: setup data lint
 	$(PY) -m pytest

@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import geometry, layers
-from cnnjax.geometry import RF, GeometryError
+from cnnjax.geometry import MIB, RF, GeometryError, Pair
 
-Pair = tuple[int, int]
 IN_PLACE = ("ReLU", "Dropout", "Flatten")  # outputs not counted as activation memory
 
 
@@ -67,6 +66,15 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
 
+    @property
+    def spatial(self) -> bool:
+        """An NHWC output of its own (in-place layers such as ReLU and dropout are not)."""
+        return len(self.output_shape) == 4 and self.type not in IN_PLACE
+
+    def axis_rf(self, axis: int) -> RF:
+        """The receptive field along `axis` (0: H, 1: W)."""
+        return RF(self.rf[axis], self.jump[axis], self.start[axis])
+
 
 @dataclass(frozen=True)
 class Totals:
@@ -86,6 +94,11 @@ class Analysis:
     rows: tuple[Row, ...]
     totals: Totals
     warnings: tuple[str, ...] = ()  # about the whole model
+
+    @property
+    def spatial_rows(self) -> list[Row]:
+        """The rows with an NHWC output of their own, in call order."""
+        return [r for r in self.rows if r.spatial]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +156,7 @@ def _size(shape: Sequence[int]) -> int:
 
 
 def _count(tree: Any) -> int:
+    """The number of values in the arrays of `tree` (parameters, say)."""
     return sum(_size(x.shape) for x in jax.tree.leaves(tree))
 
 
@@ -158,41 +172,66 @@ class _Tensor:
     rf: tuple[RF, RF]
 
 
+def layer_name(module: nn.Module) -> str:
+    """A module's path in the model ("layer1_0/conv1"); the root's class name."""
+    return "/".join(module.scope.path) or type(module).__name__
+
+
 @dataclass
-class _Frame:
-    children: int = 0
+class LeafCalls:
+    """An `nn.intercept_methods` interceptor: `before(module, name, arrays)` ahead of every
+    module call and `after(module, name, arrays, output)` after each leaf call (a module that
+    calls no other module), with the call's array arguments."""
+
+    before: Callable | None = None
+    after: Callable | None = None
+    children: list[int] = field(default_factory=list)  # calls made by each open call
+
+    def __call__(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        module, name = context.module, layer_name(context.module)
+        if self.children:
+            self.children[-1] += 1
+        self.children.append(0)
+        arrays = [a for a in args if hasattr(a, "shape")]
+        if self.before:
+            self.before(module, name, arrays)
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            leaf = self.children.pop() == 0
+        if leaf and self.after:
+            self.after(module, name, arrays, out)
+        return out
 
 
 @dataclass
 class _Tracer:
-    """Collects rows while the model is traced; `interceptor` is given to nn.intercept_methods."""
+    """Collects rows while the model is traced (its `calls` go to nn.intercept_methods)."""
 
     rows: list[Row] = field(default_factory=list)
     tensors: dict[int, _Tensor] = field(default_factory=dict)
-    stack: list[_Frame] = field(default_factory=list)
     last_rf: tuple[RF, RF] = (RF(), RF())
 
-    def interceptor(self, next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        module = context.module
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if self.stack:
-            self.stack[-1].children += 1
-        self.stack.append(_Frame())
-        name = "/".join(module.scope.path) or type(module).__name__  # the root has no path
-        arrays = [a for a in args if hasattr(a, "shape")]
-        window = None
+    @property
+    def calls(self) -> LeafCalls:
+        return LeafCalls(before=self._check, after=self._record_call)
+
+    def _check(self, module: nn.Module, name: str, arrays: list) -> None:
+        """Raise GeometryError before XLA sees a conv or pool whose output would be empty."""
         if arrays and len(arrays[0].shape) == 4:
             window = window_of(module, tuple(arrays[0].shape[1:3]), name)
             if window is not None:
-                _check_geometry(arrays[0].shape, window, name)  # before XLA sees the layer
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            frame = self.stack.pop()
-        if frame.children == 0 and arrays and hasattr(out, "shape"):
-            self._record(module, name, arrays, out, window)
-        return out
+                _check_geometry(arrays[0].shape, window, name)
+
+    def _record_call(self, module: nn.Module, name: str, arrays: list, out: Any) -> None:
+        if not arrays or not hasattr(out, "shape"):
+            return
+        window = None
+        if len(arrays[0].shape) == 4:
+            window = window_of(module, tuple(arrays[0].shape[1:3]), name)
+        self._record(module, name, arrays, out, window)
 
     def rf_of(self, x: Any) -> tuple[RF, RF]:
         known = self.tensors.get(id(x))
@@ -327,7 +366,7 @@ def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[Row], Any]
 
     def init(x):
         tracer.tensors[id(x)] = _Tensor(x, (RF(), RF()))
-        with nn.intercept_methods(tracer.interceptor):
+        with nn.intercept_methods(tracer.calls):
             return model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
 
     variables = jax.eval_shape(init, x_spec)
@@ -388,15 +427,14 @@ def _totals(rows: list[Row], variables: Any, input_shape: tuple, batch_size: int
     param_bytes = _bytes(variables)
     input_bytes = _size(input_shape[1:]) * 4 * batch_size
     act_bytes = 2 * sum(r.activation_elements for r in rows) * 4 * batch_size
-    mb = 1024**2
     return Totals(
         params=_count(variables),
         trainable_params=_count(variables.get("params", {})),
         macs=sum(r.macs for r in rows),
-        param_mb=param_bytes / mb,
-        input_mb=input_bytes / mb,
-        activation_mb=act_bytes / mb,
-        total_mb=(param_bytes + input_bytes + act_bytes) / mb,
+        param_mb=param_bytes / MIB,
+        input_mb=input_bytes / MIB,
+        activation_mb=act_bytes / MIB,
+        total_mb=(param_bytes + input_bytes + act_bytes) / MIB,
         batch_size=batch_size,
     )
 
@@ -405,7 +443,7 @@ def _model_warnings(model: nn.Module, rows: list[Row]) -> list[str]:
     """Whole-model teaching warnings: a last spatial layer that cannot see the whole input, and a
     flatten whose size differs from the one at the model's declared input size."""
     out: list[str] = []
-    spatial = [r for r in rows if len(r.output_shape) == 4 and r.type not in IN_PLACE]
+    spatial = [r for r in rows if r.spatial]
     if spatial:
         last, in_hw = spatial[-1], rows[0].input_shape[1:3]
         if any(last.rf[a] < in_hw[a] for a in range(2)):
@@ -430,16 +468,6 @@ def _model_warnings(model: nn.Module, rows: list[Row]) -> list[str]:
                     f"transfer; feed {declared}x{declared} inputs (the data path resizes)"
                 )
     return out
-
-
-def summary_input_shape(model: nn.Module, batch_size: int = 1) -> tuple[int, int, int, int]:
-    """NHWC input shape from the model's declared `input_size` and `in_channels`."""
-    size, channels = getattr(model, "input_size", None), getattr(model, "in_channels", None)
-    if size is None or channels is None:
-        raise ValueError(
-            f"{type(model).__name__} declares no input_size/in_channels; pass the input shape"
-        )
-    return (batch_size, size, size, channels)
 
 
 def xla_check(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
@@ -469,7 +497,7 @@ def xla_check(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
         "xla_forward_flops": forward["flops"],
         "macs": macs,
         "flops_ratio": forward["flops"] / (2 * macs),
-        "xla_step_mb": step_bytes / 1024**2,
+        "xla_step_mb": step_bytes / MIB,
         "estimated_mb": result.totals.total_mb,
-        "memory_ratio": step_bytes / 1024**2 / result.totals.total_mb,
+        "memory_ratio": step_bytes / MIB / result.totals.total_mb,
     }

@@ -1,5 +1,5 @@
-"""Data: TFDS datasets (array_record, read with `tfds.data_source`) as uint8 NHWC arrays, the
-in-graph adaptation of images to a model's input, and batching.
+"""Data: TFDS datasets (array_record, read with `tfds.data_source`) as uint8 NHWC arrays
+(`cnnjax.batches` turns them into what a step takes).
 
 Local IDX files (Fashion-MNIST from Debian's `dataset-fashion-mnist`, MNIST, KMNIST, ...) are
 prepared once by the `IdxImages` builder; nothing is downloaded unless the user asks TFDS to.
@@ -11,14 +11,14 @@ import fcntl
 import gzip
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+
+from cnnjax.errors import CnnjaxError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ IDX_FILES = {
 _IDX_MAGIC = {0x0801: 1, 0x0803: 3}  # unsigned bytes, 1-d labels / 3-d images
 
 
-class DataError(RuntimeError):
+class DataError(CnnjaxError, RuntimeError):
     """A dataset that cannot be found or prepared; the message says how to get it."""
 
 
@@ -187,94 +187,3 @@ def load_split(
     images = np.stack([r["image"] for r in records]).astype(np.uint8)
     labels = np.array([r["label"] for r in records], dtype=np.int32)
     return Split(images, labels)
-
-
-# ---------------------------------------------------------------- adaptation and batching
-
-
-def make_preprocess(
-    source_hwc: tuple[int, int, int],
-    target_hwc: tuple[int, int, int],
-    mean: list[float],
-    std: list[float],
-) -> tuple[Callable[[jnp.ndarray], jnp.ndarray], str]:
-    """A jit-able uint8 -> float32 adaptation to the model's input, and what it does, in words.
-
-    Scales to [0, 1], resizes (bilinear) and repeats a single channel (or averages to one) as
-    needed, then normalises with the dataset's per-channel mean and std.
-    """
-    (sh, sw, sc), (th, tw, tc) = source_hwc, target_hwc
-    if sc != tc and 1 not in (sc, tc):
-        raise DataError(f"Cannot adapt {sc} channels to {tc}: only 1 <-> N conversions exist.")
-    mean_c = np.resize(np.asarray(mean, np.float32), tc)
-    std_c = np.resize(np.asarray(std, np.float32), tc)
-    steps = []
-    if (sh, sw) != (th, tw):
-        steps.append(f"resize {sh}x{sw} -> {th}x{tw} (bilinear)")
-    if sc == 1 and tc > 1:
-        steps.append(f"repeat 1 channel -> {tc}")
-    elif tc == 1 and sc > 1:
-        steps.append(f"average {sc} channels -> 1")
-
-    def preprocess(images_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
-        x = images_BxHxWxC.astype(jnp.float32) / 255.0
-        if (sh, sw) != (th, tw):
-            x = jax.image.resize(x, (x.shape[0], th, tw, sc), "bilinear")
-        if sc == 1 and tc > 1:
-            x = jnp.repeat(x, tc, axis=-1)
-        elif tc == 1 and sc > 1:
-            x = x.mean(axis=-1, keepdims=True)
-        return (x - mean_c) / std_c
-
-    return preprocess, "; ".join(steps) or "none (the dataset already fits the model)"
-
-
-def make_augment(crop_padding: int = 0, flip: bool = False) -> Callable | None:
-    """On-device augmentation of a uint8 NHWC batch: a random crop of the image zero-padded by
-    `crop_padding` on each side, and a random horizontal flip; None when both are off."""
-    if not crop_padding and not flip:
-        return None
-
-    def augment(images_BxHxWxC: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
-        b, h, w, c = images_BxHxWxC.shape
-        crop_rng, flip_rng = jax.random.split(rng)
-        x = images_BxHxWxC
-        if crop_padding:
-            p = crop_padding
-            padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-            corners = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
-
-            def crop(img: jnp.ndarray, yx: jnp.ndarray) -> jnp.ndarray:
-                return jax.lax.dynamic_slice(img, (yx[0], yx[1], 0), (h, w, c))
-
-            x = jax.vmap(crop)(padded, corners)
-        if flip:
-            mirror = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
-            x = jnp.where(mirror, x[:, :, ::-1], x)
-        return x
-
-    return augment
-
-
-def epoch_batches(
-    n: int, batch_size: int, rng: np.random.Generator, skip: int = 0
-) -> Iterator[np.ndarray]:
-    """Shuffled index batches of one epoch, after the first `skip` (a resumed epoch); the
-    incomplete last batch is dropped."""
-    order = rng.permutation(n)
-    for start in range(skip * batch_size, n - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
-
-
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every example once, in fixed-size batches; the last is padded and masked (mask 0)."""
-    n = len(split.labels_N)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        mask = idx < n
-        idx = np.where(mask, idx, 0)
-        yield {
-            "image": split.images_NxHxWxC[idx],
-            "label": split.labels_N[idx],
-            "mask": mask.astype(np.float32),
-        }

@@ -2,7 +2,9 @@
 
 `train_step(state, batch, rng, preprocess=...) -> (state, metrics)` and
 `eval_step(state, batch, preprocess=...) -> sums`; a batch is a dict of uint8 `image` (NHWC),
-int32 `label` and, for evaluation, a float `mask` marking padded examples with 0.
+int32 `label` and, for evaluation, a float `mask` marking padded examples with 0. Both take the
+convolution backend (`conv_backend`, "xla" or "onednn"): bind it with the other keywords before
+jitting, and each backend is its own compiled function.
 """
 
 from collections.abc import Callable
@@ -13,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax.training import train_state
+
+from cnnjax import onednn
 
 Preprocess = Callable[[jnp.ndarray], jnp.ndarray]
 Augment = Callable[[jnp.ndarray, jax.Array], jnp.ndarray]  # (uint8 NHWC images, rng) -> images
@@ -44,10 +48,6 @@ def all_finite(tree: Any) -> jnp.ndarray:
     return jnp.all(jnp.array(leaves))
 
 
-def count_params(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
-
-
 def cross_entropy(
     logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, label_smoothing: float = 0.0
 ) -> jnp.ndarray:
@@ -77,10 +77,12 @@ def train_step(
     augment: Augment | None = None,
     label_smoothing: float = 0.0,
     compute_dtype: Any = None,
+    conv_backend: str = "xla",
 ) -> tuple[TrainState, Metrics]:
     """One optimizer step on `batch`. `rng` is folded with the step, then drives augmentation
     (uint8 images, before preprocessing) and dropout. With `compute_dtype` (e.g. bfloat16) the
     forward and backward passes run in it while parameters and their updates stay float32."""
+    apply = onednn.using(conv_backend, state.apply_fn)
     rng = jax.random.fold_in(rng, state.step)
     dropout_rng, augment_rng = jax.random.split(rng)
     images = batch["image"] if augment is None else augment(batch["image"], augment_rng)
@@ -88,7 +90,7 @@ def train_step(
     mutable = list(state.model_state.keys())
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
+        logits, updates = apply(
             {"params": _cast(params, compute_dtype), **state.model_state},
             x,
             train=True,
@@ -104,9 +106,11 @@ def train_step(
     return state, {"loss": loss, "accuracy": accuracy}
 
 
-def eval_step(state: TrainState, batch: dict, *, preprocess: Preprocess) -> Metrics:
+def eval_step(
+    state: TrainState, batch: dict, *, preprocess: Preprocess, conv_backend: str = "xla"
+) -> Metrics:
     """Sums over the unmasked examples of `batch`: loss, correct predictions and count."""
-    logits = state.apply_fn(
+    logits = onednn.using(conv_backend, state.apply_fn)(
         {"params": state.params, **state.model_state}, preprocess(batch["image"]), train=False
     )
     mask = batch["mask"]

@@ -8,10 +8,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-Padding = str | int | tuple[int, int]
+from cnnjax.errors import CnnjaxError
+
+Pair = tuple[int, int]
+Padding = str | int | Pair
+MIB = 1024**2  # bytes in a MB as torchsummary reports them
 
 
-class GeometryError(ValueError):
+class GeometryError(CnnjaxError, ValueError):
     """A layer whose geometry does not work; the message names the layer, formula and a fix."""
 
 
@@ -22,6 +26,14 @@ def as_pair(v: int | Sequence[int] | None, default: int = 1) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
     return (int(v[0]), int(v[1]))
+
+
+def pads2d(padding: int | tuple[Pair, Pair]) -> tuple[Pair, Pair]:
+    """((top, bottom), (left, right)) of a 2-D window: an int pads every side alike."""
+    if isinstance(padding, int):
+        return (padding, padding), (padding, padding)
+    (top, bottom), (left, right) = padding
+    return (int(top), int(bottom)), (int(left), int(right))
 
 
 def effective_kernel(kernel: int, dilation: int = 1) -> int:
@@ -164,6 +176,16 @@ class RF:
     jump: int = 1
     start: float = 0.5
 
+    def centre(self, index: int) -> float:
+        """The centre of output unit `index`'s window: start + index * jump."""
+        return self.start + index * self.jump
+
+    def window(self, index: int) -> Pair:
+        """The first and last input pixels (inclusive, 0-based; they may lie outside the input)
+        of unit `index`: the pixel centres within (size - 1)/2 of its centre."""
+        centre, half = self.centre(index), (self.size - 1) / 2
+        return round(centre - half - 0.5), round(centre + half - 0.5)
+
 
 def compose_rf(rf: RF, kernel: int, stride: int = 1, pad_low: int = 0, dilation: int = 1) -> RF:
     """The RF after one more conv/pool layer."""
@@ -289,4 +311,4 @@ def valid_taps(
 
 def mb(n_elements: int, bytes_per_element: int = 4) -> float:
     """MiB as torchsummary reports them: n*bytes/1024**2."""
-    return n_elements * bytes_per_element / 1024**2
+    return n_elements * bytes_per_element / MIB

@@ -1,14 +1,13 @@
 """The few shared primitives, as Modules so that tracing (cnnjax.analysis) sees one row each."""
 
 import functools
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cnnjax import onednn
-from cnnjax.geometry import as_pair
+from cnnjax.geometry import as_pair, pads2d
 
 
 class ReLU(nn.Module):
@@ -47,7 +46,7 @@ class MaxPool(nn.Module):
         k = self.window
         if stride == k and self.padding == 0 and min(h, w) >= k:
             return tiled_max_pool(x_BxHxWxC[:, : h - h % k, : w - w % k], k)
-        return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), _pads(self.padding))
+        return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), pads2d(self.padding))
 
 
 def _slices(x_BxHxWxC: jnp.ndarray, k: int) -> list[jnp.ndarray]:
@@ -92,7 +91,7 @@ class AvgPool(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         stride = self.stride or self.window
-        return nn.avg_pool(x, (self.window,) * 2, (stride, stride), _pads(self.padding))
+        return nn.avg_pool(x, (self.window,) * 2, (stride, stride), pads2d(self.padding))
 
 
 class Add(nn.Module):
@@ -111,14 +110,11 @@ class GlobalAvgPool(nn.Module):
         return x.mean(axis=(1, 2))
 
 
-def _pads(p: int) -> Sequence[tuple[int, int]]:
-    return ((p, p), (p, p))
-
-
 class Conv(nn.Conv):
     """`nn.Conv` for NHWC inputs (same parameters and attributes, so the analysis reads it
-    alike), computed by `onednn.conv`: XLA's convolution, or inside `onednn.backend(...)`
-    oneDNN's, which adds the bias and sums its gradient in its own kernels."""
+    alike), computed by `onednn.conv`: XLA's convolution, or in a function wrapped by
+    `onednn.using("onednn", ...)` oneDNN's, which adds the bias and sums its gradient in its
+    own kernels."""
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
@@ -140,4 +136,4 @@ class Conv(nn.Conv):
 
 def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, **kw) -> Conv:
     """A square convolution with symmetric integer padding, as in the notes' PyTorch."""
-    return Conv(features, (kernel, kernel), (stride, stride), padding=_pads(padding), **kw)
+    return Conv(features, (kernel, kernel), (stride, stride), padding=pads2d(padding), **kw)

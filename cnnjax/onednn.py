@@ -4,17 +4,21 @@ XLA:CPU runs small-channel convolutions, and above all their gradients, several 
 than oneDNN's kernels (the ones PyTorch uses). `cnnjax/_onednn.so` (built by `make onednn`
 from `csrc/onednn_conv.cc` against the `onednn` extra's oneDNN 3.2) exposes oneDNN's forward,
 backward-data and backward-weights convolutions, bias included, as XLA FFI custom calls. `conv`
-uses them, with a custom VJP, inside `with backend("onednn")` (or "auto" on a CPU when the
-library is built) for float32 convolutions without groups, and XLA's everywhere else. Tracing
-outside such a block (analysis, XLA cost checks) always gets XLA's.
+uses them, with a custom VJP, for float32 convolutions without groups inside a function wrapped by
+`using("onednn", fn)`, and XLA's everywhere else.
+
+The backend is an argument of the function that runs the model (the engine's steps take
+`conv_backend`), fixed when that function is made: a function jitted for one backend is compiled
+for it, and one for the other backend is another function, with its own compilation. Nothing
+outside the wrapped call sees the choice, so code that never asks (the analysis, XLA's cost
+checks) gets XLA's.
 """
 
-import contextlib
 import contextvars
 import ctypes
 import functools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -28,7 +32,7 @@ LIBRARY = Path(__file__).with_name("_onednn.so")
 BACKENDS = ("xla", "onednn", "auto")
 BUILD_HINT = "build it with `make onednn` (pip extra `onednn` and a C++ compiler)"
 NHWC = ("NHWC", "HWIO", "NHWC")
-_backend: contextvars.ContextVar[str] = contextvars.ContextVar("conv_backend", default="xla")
+_active: contextvars.ContextVar[str] = contextvars.ContextVar("conv_backend", default="xla")
 
 
 @functools.cache
@@ -67,17 +71,24 @@ def resolve(name: str, devices: int = 1) -> str:
     return name
 
 
-@contextlib.contextmanager
-def backend(name: str, devices: int = 1) -> Iterator[str]:
-    """Convolutions traced inside use backend `name` (see `resolve`); yields the one chosen.
-    jit caches a function's trace without looking at the backend: trace inside the block
-    (a new jitted function, or `.lower(...).compile()`)."""
-    chosen = resolve(name, devices)
-    token = _backend.set(chosen)
-    try:
-        yield chosen
-    finally:
-        _backend.reset(token)
+def using(backend: str, fn: Callable) -> Callable:
+    """`fn` with the convolutions it computes (those of `layers.Conv`) run by `backend`, "xla" or
+    "onednn" (see `resolve`), for the duration of each call: the backend belongs to the wrapped
+    function, so jit compiles it into that function and no other."""
+    if backend not in ("xla", "onednn"):
+        raise ValueError(f"convolution backend {backend!r}: use 'xla' or 'onednn' (see resolve)")
+    if backend == "onednn" and not available():  # registers its custom calls
+        raise RuntimeError(f"the oneDNN convolution is not available ({LIBRARY}); {BUILD_HINT}")
+
+    @functools.wraps(fn)
+    def with_backend(*args, **kwargs):
+        token = _active.set(backend)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _active.reset(token)
+
+    return with_backend
 
 
 def conv(
@@ -90,9 +101,9 @@ def conv(
     groups: int = 1,
 ) -> jnp.ndarray:
     """A 2D convolution plus bias. oneDNN's (bias inside its kernels) for float32 without
-    groups inside `backend("onednn")`; XLA's `conv_general_dilated` and an add otherwise."""
+    groups inside `using("onednn", ...)`; XLA's `conv_general_dilated` and an add otherwise."""
     x, w = x_BxHxWxC, kernel_HxWxIxO
-    fast = _backend.get() == "onednn" and x.dtype == w.dtype == jnp.float32 and groups == 1
+    fast = _active.get() == "onednn" and x.dtype == w.dtype == jnp.float32 and groups == 1
     if not fast:
         y = lax.conv_general_dilated(
             x,

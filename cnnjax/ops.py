@@ -7,18 +7,9 @@ Everything is a pure function of arrays and ints, written for reading rather tha
 import jax
 import jax.numpy as jnp
 
-from cnnjax.geometry import as_pair, conv_output_size
+from cnnjax.geometry import Pair, as_pair, conv_output_size, pads2d
 
-Pair = tuple[int, int]
-Padding = int | tuple[Pair, Pair]
-
-
-def _pads(padding: Padding) -> tuple[Pair, Pair]:
-    """An int pads every side equally; otherwise ((top, bottom), (left, right))."""
-    if isinstance(padding, int):
-        return (padding, padding), (padding, padding)
-    (t, b), (le, r) = padding
-    return (int(t), int(b)), (int(le), int(r))
+Padding = int | tuple[Pair, Pair]  # an int pads every side alike
 
 
 def im2col(
@@ -35,7 +26,7 @@ def im2col(
     """
     B, H, W, C = x_BxHxWxC.shape
     (kh, kw), (sh, sw), (dh, dw) = as_pair(kernel_hw), as_pair(stride), as_pair(dilation)
-    pad_h, pad_w = _pads(padding)
+    pad_h, pad_w = pads2d(padding)
     out_h = conv_output_size(H, kh, sh, pad_h, dh)
     out_w = conv_output_size(W, kw, sw, pad_w, dw)
     xp_BxHpxWpxC = jnp.pad(x_BxHxWxC, ((0, 0), pad_h, pad_w, (0, 0)))
@@ -67,7 +58,7 @@ def conv2d_im2col(
     G = groups
     if Cg * G != C or n_out % G:
         raise ValueError(f"input channels {C}, kernel {kernel_HWIO.shape} and groups {G} disagree")
-    pad_h, pad_w = _pads(padding)
+    pad_h, pad_w = pads2d(padding)
     (sh, sw), (dh, dw) = as_pair(stride), as_pair(dilation)
     out_h, out_w = conv_output_size(H, kh, sh, pad_h, dh), conv_output_size(W, kw, sw, pad_w, dw)
     cols_BxPxK = im2col(x_BxHxWxC, (kh, kw), stride, padding, dilation)
@@ -92,7 +83,7 @@ def im2col_sizes(
     """Matrix sizes for one image: out_col = W_row (O x K) @ X_col (K x P), K = kh*kw*C."""
     H, W, C = input_hwc
     (kh, kw), (sh, sw), (dh, dw) = as_pair(kernel_hw), as_pair(stride), as_pair(dilation)
-    pad_h, pad_w = _pads(padding)
+    pad_h, pad_w = pads2d(padding)
     out_h, out_w = conv_output_size(H, kh, sh, pad_h, dh), conv_output_size(W, kw, sw, pad_w, dw)
     K, P = kh * kw * C, out_h * out_w
     return {"x_col": (K, P), "w_row": (out_channels, K), "out": (out_h, out_w, out_channels)}

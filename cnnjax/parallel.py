@@ -4,13 +4,9 @@ A run's batch (`trainer.batch_size`) is global: it is split along the mesh's `da
 process putting in the rows that land on its own devices (`process_rows`), while parameters and
 optimizer state are replicated. jit partitions the step from these shardings (XLA inserts the
 gradient all-reduce), so the metrics equal a single-device run's up to float summation order.
-Several processes (hosts) join with `jax.distributed` (`initialize`): from the config, from
-`JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID`, or from a SLURM or Open MPI
-launch, which JAX detects itself.
+Several processes (hosts) join with `jax.distributed` first (`runtime.join_processes`).
 """
 
-import logging
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -19,44 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-log = logging.getLogger("cnnjax.parallel")
 DATA_AXIS = "data"
-
-
-def launched_as_several_processes() -> bool:
-    """True inside a launch of several processes that `jax.distributed` recognises by itself:
-    an srun step of several SLURM tasks, or an Open MPI job of several ranks."""
-    slurm = "SLURM_STEP_NODELIST" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1
-    return slurm or int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
-
-
-def initialize(
-    initialize: str | bool = "auto",
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    cpu_collectives: str = "gloo",
-    initialization_timeout_s: int = 300,
-) -> bool:
-    """Join this process to the others of the run with `jax.distributed.initialize` (before
-    anything touches a device). `initialize="auto"` joins when a coordinator address is given
-    or a cluster launched several processes; returns whether the process is part of several."""
-    if initialize not in ("auto", True, False):
-        raise ValueError(f"distributed.initialize={initialize!r}: use auto, true or false")
-    wanted = initialize is True or (
-        initialize == "auto" and (bool(coordinator_address) or launched_as_several_processes())
-    )
-    if not wanted:
-        return False
-    if not jax.distributed.is_initialized():
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            initialization_timeout=initialization_timeout_s,
-        )
-    return True
 
 
 class Layout(NamedTuple):

@@ -2,16 +2,16 @@
 layer table of a model at its declared input size (see `cnnjax.analysis` for the conventions)."""
 
 import json
-import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from cnnjax import analysis
-from cnnjax.geometry import GeometryError
+from cnnjax import analysis, models
+from cnnjax.errors import ConfigError, reported
 
 COLUMNS = ("#", "layer", "type", "window", "pad", "output", "params", "MACs", "RF", "jump", "start")
 RIGHT = {"#", "params", "MACs", "RF", "jump", "start"}
@@ -114,16 +114,17 @@ def print_table(result: analysis.Analysis, title: str, extra: list[str], console
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
 
-def report(cfg: DictConfig) -> str | None:
-    """Analyse the configured model; print the table (or return Markdown/JSON text)."""
+def report(cfg: DictConfig, model_name: str) -> str | None:
+    """Analyse the configured model (`model_name`: its config name); print the table (or
+    return Markdown/JSON text)."""
     model = instantiate(cfg.model)
-    shape = analysis.summary_input_shape(model)
+    shape = models.input_shape(model)
     result = analysis.analyze(model, shape, batch_size=cfg.batch_size)
     smallest = analysis.smallest_input(model, shape)
     xla = analysis.xla_check(model, (cfg.batch_size, *shape[1:])) if cfg.xla else None
-    title = f"{type(model).__name__} on {'x'.join(map(str, shape[1:]))} input"
+    title = f"{model_name} on {'x'.join(map(str, shape[1:]))} input"
     if cfg.format == "json":
-        fields = {"model": type(model).__name__, "smallest_input": smallest, "xla": xla}
+        fields = {"model": model_name, "smallest_input": smallest, "xla": xla}
         return json.dumps(fields | result.to_dict(), indent=2)
     extra = totals_lines(result, smallest) + xla_lines(xla)
     if cfg.format == "markdown":
@@ -131,16 +132,13 @@ def report(cfg: DictConfig) -> str | None:
     if cfg.format == "table":
         print_table(result, title, extra, Console(width=cfg.width))
         return None
-    raise ValueError(f"format={cfg.format!r}: use table, markdown or json")
+    raise ConfigError(f"format={cfg.format!r}: use table, markdown or json")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="summary")
 def main(cfg: DictConfig) -> None:
-    try:
-        text = report(cfg)
-    except (GeometryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with reported():
+        text = report(cfg, HydraConfig.get().runtime.choices["model"])
     if text is not None:
         print(text, end="" if text.endswith("\n") else "\n")
 

@@ -1,43 +1,13 @@
-"""Shared fixtures: the real Hydra config, and small generated IDX datasets."""
+"""Shared fixtures: the real Hydra config and a small generated IDX dataset (the helpers they use
+are in helpers.py, beside this file)."""
 
-import gzip
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import CONF_DIR, make_idx_dataset
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
-    """Write uint8 `array` as an IDX file (magic 0x0801 for 1-d labels, 0x0803 for images)."""
-    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + np.ascontiguousarray(array, np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(payload))
-    else:
-        path.write_bytes(payload)
-
-
-def make_idx_dataset(root: Path, n_train: int, n_test: int, gz: bool = True, seed: int = 0) -> dict:
-    """Four IDX files of learnable 28x28 images: class k lights up row band k, plus noise."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, k in enumerate(labels):
-            images[i, 2 * k + 4 : 2 * k + 6, 4:24] = 250
-        write_idx(root / f"{split}-images-idx3-ubyte", images, gz)
-        write_idx(root / f"{split}-labels-idx1-ubyte", labels, gz)
-        arrays[split] = (images, labels)
-    return arrays
 
 
 @pytest.fixture(scope="session")

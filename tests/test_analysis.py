@@ -6,32 +6,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CONF_DIR
+from helpers import MODELS, RUNNABLE
 from hydra.utils import instantiate
 
-from cnnjax import analysis, geometry, layers
+from cnnjax import analysis, geometry, layers, models
 from cnnjax.analysis import AnalysisError, GeometryError
 from cnnjax.layers import Add, conv
 from cnnjax.models.alexnet import AlexNet
 
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-# Smaller inputs/heads for the big models where a test runs them (the layer logic is the same).
-SMALL = {
-    "vgg11": ["model.input_size=32", "model.head_pool=1", "model.classifier_width=64"],
-    "vgg16": ["model.input_size=32", "model.head_pool=1", "model.classifier_width=64"],
-    "resnet18": ["model.input_size=64"],
-    "resnet50": ["model.input_size=64"],
-}
-SPATIAL = ("Conv", "MaxPool", "AvgPool", "Add")
+CHECKED = ("Conv", "MaxPool", "AvgPool", "Add")  # the rows whose receptive fields are probed
 
 
 def _analyze(compose_cfg, name: str, *overrides: str) -> tuple[nn.Module, analysis.Analysis]:
     model = instantiate(compose_cfg(f"model={name}", *overrides).model)
-    return model, analysis.analyze(model, analysis.summary_input_shape(model))
+    return model, analysis.analyze(model, models.input_shape(model))
 
 
 def _spatial(result: analysis.Analysis) -> list[analysis.Row]:
-    return [r for r in result.rows if r.type in SPATIAL]
+    return [r for r in result.rows if r.type in CHECKED]
 
 
 def test_allconv_matches_the_notes(compose_cfg):
@@ -150,10 +142,10 @@ def test_lenet_warns_that_its_last_layer_does_not_see_the_image(compose_cfg):
     assert any("576 at the model's declared input_size 32" in w for w in off_size.warnings)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_params_equal_the_real_pytree(compose_cfg, name):
-    model, result = _analyze(compose_cfg, name, *SMALL.get(name, []))
-    x = jnp.zeros(analysis.summary_input_shape(model))
+    model, result = _analyze(compose_cfg, name)
+    x = jnp.zeros(models.input_shape(model))
     variables = model.init(jax.random.key(0), x)  # real arrays, not shapes
     assert result.totals.params == sum(a.size for a in jax.tree.leaves(variables))
     trainable = sum(a.size for a in jax.tree.leaves(variables["params"]))
@@ -241,12 +233,12 @@ def _expected(row: analysis.Row, axis: int, unit: int, size: int) -> tuple[int, 
     return max(int(first), 0), min(int(last), size - 1)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_receptive_fields_against_gradient_footprints(compose_cfg, name):
     """For the first and last output unit of every conv, pool and add: the input pixels whose
     gradient is non-zero span exactly the receptive field the analysis computed."""
-    model, result = _analyze(compose_cfg, name, *SMALL.get(name, []))
-    shape = analysis.summary_input_shape(model)
+    model, result = _analyze(compose_cfg, name)
+    shape = models.input_shape(model)
     variables = model.init(jax.random.key(0), jnp.zeros(shape))
     variables = {**variables, "params": jax.tree.map_with_path(_positive, variables["params"])}
     rows = {r.name: r for r in _spatial(result)}

@@ -1,7 +1,6 @@
 """The bench's JSON in both modes, the PyTorch twin computing what the Flax model computes, and
 the PyTorch reference training as cnnjax.train does."""
 
-import functools
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,18 +8,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from helpers import MODELS, RUNNABLE, compose_config
 from hydra.utils import instantiate
 
-from cnnjax import analysis, bench, data, engine, train
+from cnnjax import analysis, batches, bench, models, recipe, runtime
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make test has it)")
-from cnnjax import torch_reference, torch_twin  # noqa: E402
+from cnnjax.bench import reference, twin  # noqa: E402
 
-CHAIN_MODELS = ["alexnet", "blocknet", "lenet", "lenet5", "mnist_allconv", "vgg11", "vgg16"]
-SMALL_VGG = ["model.input_size=32", "model.head_pool=1", "model.classifier_width=64"]
-CASES = [[f"model={name}", *(SMALL_VGG if "vgg" in name else [])] for name in CHAIN_MODELS]
+BRANCHING = {"resnet18", "resnet50", "resnet18_small", "resnet50_small"}  # residual adds: no twin
+CASES = [[f"model={name}"] for name in RUNNABLE if name not in BRANCHING]
 CASES.append(["model=blocknet", "model.batch_norm=true"])
 KEYS = {"model", "batch_size", "device", "cnnjax_train_img_s", "cnnjax_eval_img_s", "compile_s"}
 TORCH_KEYS = {"torch_train_img_s", "ratio", "train_gflops"}
@@ -43,7 +40,7 @@ def caches(module_dir, monkeypatch) -> Iterator[None]:
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(module_dir / "jax_cache"))
     monkeypatch.setenv("TFDS_DATA_DIR", str(module_dir / "tfds"))
     yield
-    train.use_compilation_cache(None)
+    runtime.use_compilation_cache(None)
 
 
 def toy(idx_dir) -> list[str]:
@@ -51,37 +48,37 @@ def toy(idx_dir) -> list[str]:
     return [f"dataset.source_dir={idx_dir}", "dataset.name=toy", "trainer.eval_batch_size=128"]
 
 
-def _cfg(name: str, *overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
-def test_every_chain_model_is_pinned():
-    models = {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
-    assert models - set(CHAIN_MODELS) == {"resnet18", "resnet50"}  # branches: no twin
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_exactly_the_models_with_branches_go_without_a_twin(name):
+    model = instantiate(compose_config("train", f"model={name}").model)
+    table = analysis.analyze(model, models.input_shape(model))
+    assert any(r.type == "Add" for r in table.rows) == (name in BRANCHING)
+    assert set(MODELS) >= BRANCHING
 
 
 @pytest.mark.parametrize("overrides", CASES, ids=" ".join)
 def test_twin_gives_the_same_logits(overrides):
-    model = instantiate(_cfg("train", *overrides).model)
-    shape = analysis.summary_input_shape(model, batch_size=2)
+    model = instantiate(compose_config("train", *overrides).model)
+    shape = models.input_shape(model, batch_size=2)
     x = jax.random.normal(jax.random.key(1), shape)
     variables = model.init(jax.random.key(0), x)
-    twin = torch_twin.build(analysis.analyze(model, shape), jax.device_get(variables)).eval()
-    got = twin(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).detach().numpy()
+    net = twin.build(analysis.analyze(model, shape), jax.device_get(variables)).eval()
+    got = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).detach().numpy()
     expected = np.asarray(model.apply(variables, x))
     np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max() + 1e-6)
 
 
 def test_twin_refuses_branches():
-    model = instantiate(_cfg("train", "model=resnet18", "model.input_size=32").model)
-    shape = analysis.summary_input_shape(model)
+    model = instantiate(compose_config("train", "model=resnet18_small").model)
+    shape = models.input_shape(model)
     with pytest.raises(ValueError, match="chain models only"):
-        torch_twin.build(analysis.analyze(model, shape), {})
+        twin.build(analysis.analyze(model, shape), {})
 
 
 def test_bench_json_keys_and_ratio():
-    out = bench.measure(_cfg("bench", "bench.steps=2", "bench.windows=2", "bench.warmup=1"))
+    cfg = compose_config("bench", "bench.steps=2", "bench.windows=2", "bench.warmup=1")
+    out = bench.measure(cfg, "mnist_allconv")
+    assert out["model"] == "mnist_allconv"
     assert set(out) >= KEYS | TORCH_KEYS
     assert out["ratio"] == round(out["cnnjax_train_img_s"] / out["torch_train_img_s"], 3)
     assert out["train_gflops"] == round(6 * 1_472_256 * out["cnnjax_train_img_s"] / 1e9, 3)
@@ -89,20 +86,21 @@ def test_bench_json_keys_and_ratio():
 
 
 def test_bench_without_reference():
-    cfg = _cfg("bench", "model=lenet", "bench.reference=null", "bench.steps=2", "bench.windows=1")
-    out = bench.measure(cfg)
+    overrides = ["model=lenet", "bench.reference=null", "bench.steps=2", "bench.windows=1"]
+    out = bench.measure(compose_config("bench", *overrides), "lenet")
     assert set(out) >= KEYS and "ratio" not in out and "torch_train_img_s" not in out
 
 
 def test_time_to_accuracy_json_and_ratio(idx_dir):
     recipe = [*toy(idx_dir), "trainer.epochs=2", "schedule=constant"]  # 8 steps an epoch
     listed = ",".join(f'"{o}"' for o in recipe)
-    cfg = _cfg(
+    cfg = compose_config(
         "bench", "bench.mode=time_to_accuracy", "bench.target=0.3",
         f"bench.train_overrides=[{listed}]",
     )  # fmt: skip
-    out = bench.measure(cfg)
+    out = bench.measure(cfg, "mnist_allconv")
     assert set(out) >= TTA_KEYS and (out["mode"], out["target"]) == ("time_to_accuracy", 0.3)
+    assert out["model"] == "mnist_allconv"  # the training run's model, as its summary names it
     assert out["cnnjax_reached_target"] and out["torch_reached_target"]
     assert min(out["cnnjax_accuracy"], out["torch_accuracy"]) >= 0.3
     assert out["cnnjax_epochs"] == out["torch_epochs"] == 1.0  # the first evaluation reached it
@@ -119,31 +117,31 @@ def test_time_to_accuracy_json_and_ratio(idx_dir):
     ],
 )
 def test_time_to_accuracy_refuses_what_torch_cannot_reproduce(override, refusal):
-    cfg = _cfg("bench", "bench.mode=time_to_accuracy", f'bench.train_overrides=["{override}"]')
+    cfg = compose_config(
+        "bench", "bench.mode=time_to_accuracy", f'bench.train_overrides=["{override}"]'
+    )
     with pytest.raises(ValueError, match="cannot reproduce this recipe") as e:
-        bench.measure(cfg)  # before either side trains
+        bench.measure(cfg, "mnist_allconv")  # before either side trains
     assert refusal in str(e.value)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_the_torch_reference_takes_the_steps_cnnjax_takes(idx_dir, optimizer):
-    cfg = _cfg(
+    cfg = compose_config(
         "train", *toy(idx_dir), f"optimizer={optimizer}", "schedule.warmup_steps=2",
         "trainer.label_smoothing=0.1", "trainer.grad_clip_norm=0.5",
     )  # fmt: skip
-    recipe = train.prepare(cfg)
-    twin = torch_reference.TwinTrainer(cfg, recipe)
-    step = jax.jit(
-        functools.partial(engine.train_step, preprocess=recipe.preprocess, label_smoothing=0.1)
-    )
-    state, split = recipe.state, recipe.train_split
-    batches = data.epoch_batches(1024, 128, train.epoch_order(0, 1))
-    for idx in itertools.islice(batches, 4):
+    r = recipe.prepare(cfg)
+    trainer = reference.TwinTrainer(cfg, r)
+    step = jax.jit(r.train_step)  # the recipe's own step: label smoothing 0.1 bound in
+    state, split = r.state, r.train_split
+    order = batches.epoch_batches(1024, 128, batches.epoch_order(0, 1))
+    for idx in itertools.islice(order, 4):
         batch = {"image": split.images_NxHxWxC[idx], "label": split.labels_N[idx]}
-        state, _ = step(state, batch, recipe.rng)
-        twin.train_step(idx)
-    images = recipe.test_split.images_NxHxWxC[:64]
+        state, _ = step(state, batch, r.rng)
+        trainer.train_step(idx)
+    images = r.test_split.images_NxHxWxC[:64]
     variables = {"params": state.params, **state.model_state}
-    expected = np.asarray(state.apply_fn(variables, recipe.preprocess(images)))
-    got = twin.net.eval()(twin.inputs(twin.test_images[:64])).detach().numpy()
+    expected = np.asarray(state.apply_fn(variables, r.preprocess(images)))
+    got = trainer.net.eval()(trainer.inputs(trainer.test_images[:64])).detach().numpy()
     np.testing.assert_allclose(got, expected, atol=1e-3 * np.abs(expected).max())

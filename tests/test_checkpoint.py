@@ -11,9 +11,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from test_train import cli, read_jsonl
+from helpers import checkpoint_steps, cli, final_arrays, read_jsonl
 
 ARGS = (
     "trainer.max_steps=120",
@@ -23,24 +22,8 @@ ARGS = (
 )
 
 
-def _steps(run_dir: Path) -> list[int]:
-    root = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
-
-
-def _final_arrays(run_dir: Path) -> dict:
-    """The newest checkpoint's arrays, read onto this process's first device whatever the
-    devices and processes that saved them."""
-    path = (run_dir / "checkpoints" / str(_steps(run_dir)[-1]) / "state").absolute()
-    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        saved = checkpointer.metadata(path).item_metadata
-        like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here)  # noqa: E731
-        return checkpointer.restore(path, jax.tree.map(like, saved))
-
-
 def _same_run(a: Path, b: Path) -> None:
-    leaves_a, leaves_b = jax.tree.leaves(_final_arrays(a)), jax.tree.leaves(_final_arrays(b))
+    leaves_a, leaves_b = jax.tree.leaves(final_arrays(a)), jax.tree.leaves(final_arrays(b))
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
@@ -65,7 +48,7 @@ def _start(tmp_path: Path, idx_dir: Path, run_dir: Path, *extra: str) -> subproc
 
 def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, at_least: int) -> None:
     deadline = time.monotonic() + 300
-    while not any(s >= at_least for s in _steps(run_dir)):
+    while not any(s >= at_least for s in checkpoint_steps(run_dir)):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
@@ -86,7 +69,7 @@ def test_sigkill_then_resume_ends_exactly_as_an_uninterrupted_run(tmp_path, idx_
     proc.send_signal(signal.SIGKILL)  # no handler, no clean-up: mid-step or mid-save
     proc.wait(timeout=60)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
-    killed_at = _steps(run_dir)[-1]
+    killed_at = checkpoint_steps(run_dir)[-1]
     assert killed_at < 120
     done = cli(tmp_path, idx_dir, *ARGS, f"hydra.run.dir={run_dir}")  # the same command again
     assert f"resuming from the checkpoint at step {killed_at}" in done.stdout + done.stderr
@@ -102,7 +85,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path, idx_dir, referen
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
-    assert f"at step {_steps(run_dir)[-1]}; checkpoint saved" in summary["error"]
+    assert f"at step {checkpoint_steps(run_dir)[-1]}; checkpoint saved" in summary["error"]
     cli(tmp_path, idx_dir, *ARGS, f"hydra.run.dir={run_dir}")
     _same_run(reference, run_dir)
 
@@ -110,7 +93,7 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path, idx_dir, referen
 def test_a_damaged_checkpoint_is_reported_and_the_previous_used(tmp_path, idx_dir, reference):
     run_dir = tmp_path / "run"
     cli(tmp_path, idx_dir, *ARGS[1:], "trainer.max_steps=100", f"hydra.run.dir={run_dir}")
-    last = _steps(run_dir)[-1]
+    last = checkpoint_steps(run_dir)[-1]
     for f in (run_dir / "checkpoints" / str(last) / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"")  # truncated
@@ -130,7 +113,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, idx_dir):
     assert proc.returncode != 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged"
-    good = _steps(run_dir)
+    good = checkpoint_steps(run_dir)
     assert good and f"last good checkpoint is step {good[-1]}" in summary["error"]
-    arrays = _final_arrays(run_dir)
+    arrays = final_arrays(run_dir)
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(arrays["params"]))

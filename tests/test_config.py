@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optax
 import pytest
-from conftest import CONF_DIR
+from helpers import CONF_DIR, RUNNABLE
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -114,6 +114,8 @@ def test_every_model_a_study_sweeps_builds(path):
         assert table.rows[-1].output_shape[-1] == 10, job
 
 
-def test_the_zoo_trains_every_model_config():
+def test_the_zoo_trains_every_architecture():
+    """Each model config, the large ones as their small-input configs (conf/model/*_small)."""
     zoo = {o.split("=")[1] for p in STUDIES.glob("zoo/zoo_*.yaml") for (o,) in model_jobs(p)}
-    assert {m.removesuffix("_small") for m in zoo} == set(options("model"))
+    assert zoo == set(RUNNABLE)
+    assert zoo | {m.removesuffix("_small") for m in zoo} == set(options("model"))

@@ -1,14 +1,13 @@
-"""The IDX builder through TFDS, the missing-data error, input adaptation and batching."""
+"""The IDX builder through TFDS, the missing-data error, the real Fashion-MNIST files."""
 
 import gzip
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from conftest import make_idx_dataset, write_idx
+from helpers import make_idx_dataset, write_idx
 
 from cnnjax import data
 
@@ -84,50 +83,6 @@ def test_missing_files_name_the_package_and_the_alternative(tmp_path):
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(data.DataError, match="tfds build cifar10 --file_format=array_record"):
         data.load_split("cifar10", "train", data_dir=str(tmp_path))
-
-
-@pytest.mark.parametrize(
-    "src, dst, words",
-    [
-        ((28, 28, 1), (28, 28, 1), "none"),
-        ((28, 28, 1), (32, 32, 1), "resize 28x28 -> 32x32"),
-        ((28, 28, 1), (227, 227, 3), "repeat 1 channel -> 3"),
-        ((32, 32, 3), (28, 28, 1), "average 3 channels -> 1"),
-    ],
-)
-def test_preprocess_shapes_and_words(src, dst, words):
-    fn, description = data.make_preprocess(src, dst, [0.5] * src[2], [0.25] * src[2])
-    assert words in description
-    x = np.full((2, *src), 255, np.uint8)
-    y = jax.jit(fn)(x)
-    assert y.shape == (2, *dst) and y.dtype == np.float32
-    np.testing.assert_allclose(np.asarray(y), (1.0 - 0.5) / 0.25, rtol=1e-5)
-
-
-def test_preprocess_normalises_per_channel():
-    fn, _ = data.make_preprocess((2, 2, 3), (2, 2, 3), [0.1, 0.2, 0.3], [0.5, 0.5, 0.5])
-    y = np.asarray(fn(np.zeros((1, 2, 2, 3), np.uint8)))
-    np.testing.assert_allclose(y[0, 0, 0], [-0.2, -0.4, -0.6], rtol=1e-6)
-
-
-def test_incompatible_channels_are_refused():
-    with pytest.raises(data.DataError, match="Cannot adapt 3 channels to 4"):
-        data.make_preprocess((8, 8, 3), (8, 8, 4), [0.0], [1.0])
-
-
-def test_epoch_batches_visit_each_example_once():
-    batches = list(data.epoch_batches(103, 10, np.random.default_rng(0)))
-    assert len(batches) == 10 and all(len(b) == 10 for b in batches)
-    seen = np.concatenate(batches)
-    assert len(np.unique(seen)) == 100
-
-
-def test_eval_batches_cover_everything_once_with_a_mask():
-    split = data.Split(np.arange(25, dtype=np.uint8).reshape(25, 1, 1, 1), np.arange(25))
-    batches = list(data.eval_batches(split, 10))
-    assert [int(b["mask"].sum()) for b in batches] == [10, 10, 5]
-    kept = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
-    np.testing.assert_array_equal(kept, np.arange(25))
 
 
 FASHION = "/usr/share/datasets/fashion-mnist"

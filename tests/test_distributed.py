@@ -14,12 +14,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from test_checkpoint import _final_arrays
-from test_train import cli, read_jsonl
+from helpers import cli, compose_config, final_arrays, read_jsonl
 
-from cnnjax import onednn, parallel
-from cnnjax.train import CONF_DIR
+from cnnjax import onednn, parallel, runtime
 
 TIMEOUT_S = 300
 ARGS = (
@@ -78,7 +75,7 @@ def train(
 
 def assert_same_training(a: Path, b: Path, splits=("train", "test")) -> None:
     """Equal parameters (up to float summation order over a split batch) and metrics."""
-    leaves_a, leaves_b = jax.tree.leaves(_final_arrays(a)), jax.tree.leaves(_final_arrays(b))
+    leaves_a, leaves_b = jax.tree.leaves(final_arrays(a)), jax.tree.leaves(final_arrays(b))
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b, strict=True):
         x, y = np.asarray(x), np.asarray(y)
@@ -251,20 +248,20 @@ def test_replicate_keeps_values_and_keys():
 def test_which_launches_join_a_distributed_run(monkeypatch):
     for var in ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert not parallel.launched_as_several_processes()
-    assert parallel.initialize("auto") is False  # nothing asks for it: a single process
-    assert parallel.initialize(False, coordinator_address="localhost:1") is False
+    assert not runtime.launched_as_several_processes()
+    assert runtime.join_processes("auto") is False  # nothing asks for it: a single process
+    assert runtime.join_processes(False, coordinator_address="localhost:1") is False
     monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert not parallel.launched_as_several_processes()  # one srun task
+    assert not runtime.launched_as_several_processes()  # one srun task
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert parallel.launched_as_several_processes()
+    assert runtime.launched_as_several_processes()
     monkeypatch.delenv("SLURM_STEP_NODELIST")
-    assert not parallel.launched_as_several_processes()  # sbatch script, outside srun
+    assert not runtime.launched_as_several_processes()  # sbatch script, outside srun
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    assert parallel.launched_as_several_processes()
+    assert runtime.launched_as_several_processes()
     with pytest.raises(ValueError, match="distributed.initialize='yes'"):
-        parallel.initialize("yes")
+        runtime.join_processes("yes")
 
 
 def test_onednn_convolutions_stay_on_one_device(monkeypatch):
@@ -276,10 +273,10 @@ def test_onednn_convolutions_stay_on_one_device(monkeypatch):
 
 
 def test_launcher_configs_compose():
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2"]
-        slurm = compose("train", overrides + ["hydra.launcher.gpus_per_node=4"], True).hydra
-        local = compose("train", ["hydra/launcher=parallel"], return_hydra_config=True).hydra
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.nodes=2"]
+    slurm = compose_config("train", *overrides, "hydra.launcher.gpus_per_node=4", hydra=True)
+    local = compose_config("train", "hydra/launcher=parallel", hydra=True)
+    slurm, local = slurm.hydra, local.hydra
     assert slurm.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (slurm.launcher.nodes, slurm.launcher.tasks_per_node) == (2, 4)  # a process per GPU
     assert local.launcher._target_.endswith("joblib_launcher.JoblibLauncher")

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax import data, engine, schedules
+from cnnjax import engine, schedules
 from cnnjax.models.blocknet import BlockNet
 
 
@@ -80,19 +80,3 @@ def test_batchnorm_train_uses_batch_statistics_eval_the_running_ones():
 def test_schedule_values(schedule, points):
     for step, value in points.items():
         assert float(schedule(step)) == pytest.approx(value, rel=1e-4, abs=1e-9), step
-
-
-def test_augment_crops_and_flips_on_device():
-    assert data.make_augment() is None
-    images = np.zeros((64, 8, 8, 1), np.uint8)
-    images[:, 3, 2] = 255  # one bright pixel at (3, 2)
-    flipped = np.asarray(data.make_augment(flip=True)(images, jax.random.key(0)))
-    cols = {int(np.argwhere(im[..., 0])[0][1]) for im in flipped}
-    assert cols == {2, 5}  # mirrored to 8 - 1 - 2 = 5 about half the time
-    cropped = np.asarray(data.make_augment(crop_padding=2)(images, jax.random.key(0)))
-    assert cropped.shape == images.shape and cropped.dtype == np.uint8
-    positions = {tuple(np.argwhere(im[..., 0])[0]) for im in cropped if im.any()}
-    assert len(positions) > 5  # shifted by up to 2 pixels each way
-    assert all(abs(r - 3) <= 2 and abs(c - 2) <= 2 for r, c in positions)
-    again = np.asarray(data.make_augment(crop_padding=2)(images, jax.random.key(0)))
-    np.testing.assert_array_equal(cropped, again)  # a function of the rng

@@ -23,6 +23,7 @@ from cnnjax.geometry import (
     mb,
     merge_rf,
     min_input_size,
+    pads2d,
     resolve_padding,
 )
 
@@ -233,3 +234,16 @@ def test_min_input_size_with_same_padding():
 def test_mb():
     assert mb(3 * 224 * 224) == pytest.approx(0.574, abs=1e-3)
     assert mb(1024**2, bytes_per_element=2) == 2.0
+
+
+def test_pads2d_takes_an_int_or_a_pair_per_axis():
+    assert pads2d(2) == ((2, 2), (2, 2))
+    assert pads2d([(0, 1), [2, 3]]) == ((0, 1), (2, 3))
+
+
+def test_a_units_window_is_its_centre_plus_minus_half_the_field():
+    """The all-conv net's conv7 (rf 40, jump 4, start 14) and pool1 (rf 6, jump 2, start 1)."""
+    conv7, pool1 = RF(40, 4, 14.0), RF(6, 2, 1.0)
+    assert (conv7.centre(0), conv7.window(0)) == (14.0, (-6, 33))  # 6 pixels beyond each side
+    assert (pool1.centre(3), pool1.window(3)) == (7.0, (4, 9))  # 2x2 window 3 of 14: pixels 6, 7
+    assert RF().window(5) == (5, 5)  # the input: a unit is its pixel

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import CONF_DIR
+from helpers import MODELS
 from hydra.utils import instantiate
 
 from cnnjax import engine
@@ -22,6 +22,12 @@ PARAMS_10 = {
     "vgg16": 134_301_514,  # 138,357,544 - 4097 * 990
     "resnet18": 11_181_642,  # 11,689,512 - 513 * 990
     "resnet50": 23_528_522,  # 25,557,032 - 2049 * 990
+    # the small-input configs: AlexNet at 67x67 flattens 1x1x256, so fc1 has 257 * 4096
+    "alexnet_small": 21_622_154,  # 58,322,314 - (9216 - 256) * 4096
+    "vgg11_small": 9_750_922,  # convs 9,220,480 + 513 * 512 + 513 * 512 + 513 * 10
+    "vgg16_small": 15_245_130,  # convs 14,714,688 + the same head
+    "resnet18_small": 11_181_642,  # the layers of resnet18: a 32x32 input changes no count
+    "resnet50_small": 23_528_522,
 }
 
 
@@ -35,7 +41,7 @@ def param_count(model, batch: int = 2) -> tuple[int, tuple]:
 
 
 def test_every_model_config_is_pinned():
-    assert {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} == set(PARAMS_10)
+    assert set(MODELS) == set(PARAMS_10)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS_10))
@@ -88,16 +94,17 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(compose_cfg, name):
     assert int(state.step) == 20
 
 
-# The small-input variants, with the overrides their YAML comments give.
-SMALL = {
+# Small inputs with the overrides the YAML comments of resnet18 and vgg11 give.
+COMMENTED = {
     "resnet18": ["model.small_input=true"],
     "vgg11": ["model.head_pool=1", "model.classifier_width=512"],
 }
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_small_input_variants_run_on_32x32(compose_cfg, name):
-    model = instantiate(compose_cfg(f"model={name}", "model.input_size=32", *SMALL[name]).model)
+@pytest.mark.parametrize("name", sorted(COMMENTED))
+def test_small_input_overrides_run_on_32x32(compose_cfg, name):
+    cfg = compose_cfg(f"model={name}", "model.input_size=32", *COMMENTED[name])
+    model = instantiate(cfg.model)
     n, shape = param_count(model, batch=5)
     assert shape == (5, 10)
     assert n < PARAMS_10[name]
@@ -110,7 +117,7 @@ def test_vgg_head_rejects_a_map_it_cannot_pool(compose_cfg):
 
 
 def test_resnet_train_step_updates_batch_stats(compose_cfg):
-    cfg = compose_cfg("model=resnet18", "model.input_size=32", *SMALL["resnet18"])
+    cfg = compose_cfg("model=resnet18", "model.input_size=32", *COMMENTED["resnet18"])
     model = instantiate(cfg.model)
     shape = (4, 32, 32, 3)
     state = engine.create_train_state(model, optax.sgd(0.1), shape, jax.random.key(0))

@@ -9,7 +9,8 @@ import optax
 import pytest
 from hydra.utils import instantiate
 
-from cnnjax import analysis, engine, onednn
+from cnnjax import engine, models, onednn
+from cnnjax.models.mnist_allconv import MnistAllConv
 
 # (input NHWC, kernel HWIO, strides, padding, dilation): odd batches split unevenly over threads
 CASES = {
@@ -35,30 +36,54 @@ def test_values_and_gradients_equal_xla(case, bias):
     w = jax.random.normal(jax.random.key(1), w_shape)
     b = jax.random.normal(jax.random.key(2), w_shape[-1:]) if bias else None
     argnums = (0, 1, 2) if bias else (0, 1)
-    grad = lambda: jax.jit(jax.value_and_grad(_loss, argnums), static_argnums=3)  # noqa: E731
-    expected = grad()(x, w, b, tuple(geometry))  # XLA's: no backend block
-    with onednn.backend("onednn"):  # a new jit: traces are cached without the backend
-        hlo = grad().lower(x, w, b, tuple(geometry)).as_text()
-        got = grad()(x, w, b, tuple(geometry))
+    value_and_grad = jax.value_and_grad(_loss, argnums)
+    grad = {
+        name: jax.jit(onednn.using(name, value_and_grad), static_argnums=3)
+        for name in ("xla", "onednn")
+    }
+    expected = grad["xla"](x, w, b, tuple(geometry))
+    hlo = grad["onednn"].lower(x, w, b, tuple(geometry)).as_text()
+    got = grad["onednn"](x, w, b, tuple(geometry))
     assert hlo.count("cnnjax_conv_") == 3  # forward, backward-data, backward-weights
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4 * float(jnp.abs(e).max()))
 
 
-def _lowered(x, w, groups=1) -> str:
+def _lowered(x, w, backend: str | None = None, groups=1) -> str:
     f = functools.partial(onednn.conv, strides=(1, 1), padding="SAME", groups=groups)
-    return jax.jit(lambda x, w: f(x, w, None)).lower(x, w).as_text()
+    fn = lambda x, w: f(x, w, None)  # noqa: E731
+    return jax.jit(fn if backend is None else onednn.using(backend, fn)).lower(x, w).as_text()
 
 
-def test_xla_outside_the_block_and_for_what_onednn_does_not_take():
+def test_xla_unless_asked_and_for_what_onednn_does_not_take():
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
-    assert "cnnjax_conv" not in _lowered(x, w)  # no backend block: XLA's
-    with onednn.backend("onednn"):
-        assert "cnnjax_conv" in _lowered(x, w)
-        assert "cnnjax_conv" not in _lowered(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-        assert "cnnjax_conv" not in _lowered(x, jnp.ones((3, 3, 2, 4)), groups=2)
-    with onednn.backend("xla"):
-        assert "cnnjax_conv" not in _lowered(x, w)
+    assert "cnnjax_conv" not in _lowered(x, w)  # nobody asked: XLA's
+    assert "cnnjax_conv" in _lowered(x, w, "onednn")
+    assert "cnnjax_conv" not in _lowered(x, w, "xla")
+    bf16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert "cnnjax_conv" not in _lowered(*bf16, "onednn")
+    assert "cnnjax_conv" not in _lowered(x, jnp.ones((3, 3, 2, 4)), "onednn", groups=2)
+    with pytest.raises(ValueError, match="convolution backend 'auto': use 'xla' or 'onednn'"):
+        onednn.using("auto", jnp.sum)
+
+
+def test_the_backend_is_part_of_what_jit_compiles():
+    """The backend is bound into the step before jit: one compiled function per backend, and
+    tracing one never changes the kernels of the other (a backend read from context at trace
+    time would be cached with whichever trace came first)."""
+    model = MnistAllConv()
+    state = engine.create_train_state(model, optax.sgd(0.1), (1, 28, 28, 1), jax.random.key(0))
+    batch = {"image": jnp.zeros((4, 28, 28, 1), jnp.uint8), "label": jnp.zeros(4, jnp.int32)}
+    step = {
+        backend: jax.jit(
+            functools.partial(engine.train_step, preprocess=lambda i: i / 255, conv_backend=backend)
+        )
+        for backend in ("xla", "onednn")
+    }
+    lowered = {b: f.lower(state, batch, jax.random.key(1)).as_text() for b, f in step.items()}
+    assert lowered["xla"].count("cnnjax_conv_") == 0
+    assert lowered["onednn"].count("cnnjax_conv_forward") == 7  # every conv of the model
+    assert step["xla"].lower(state, batch, jax.random.key(1)).as_text() == lowered["xla"]
 
 
 def test_backend_names():
@@ -92,7 +117,7 @@ def test_train_steps_match_xla(compose_cfg, overrides):
     convolutions as between XLA and oneDNN."""
     model = instantiate(compose_cfg(*overrides).model)
     tx = optax.sgd(0.05, momentum=0.9)
-    shape = analysis.summary_input_shape(model, batch_size=33)
+    shape = models.input_shape(model, batch_size=33)
     # float pixels: with uint8 ones this ResNet's first-block gradients are ill-conditioned
     # (XLA's own NHWC and NCHW convolutions already disagree there by 5%)
     batch = {
@@ -102,9 +127,8 @@ def test_train_steps_match_xla(compose_cfg, overrides):
     results = {}
     for name in ("xla", "onednn"):
         state = engine.create_train_state(model, tx, (1, *shape[1:]), jax.random.key(0))
-        with onednn.backend(name):
-            step = jax.jit(functools.partial(engine.train_step, preprocess=lambda i: i))
-            state, metrics = step(state, batch, jax.random.key(1))
+        step = functools.partial(engine.train_step, preprocess=lambda i: i, conv_backend=name)
+        state, metrics = jax.jit(step)(state, batch, jax.random.key(1))
         results[name] = (state.params, metrics["loss"])
     np.testing.assert_allclose(results["onednn"][1], results["xla"][1], rtol=1e-5)
     for a, b in zip(*(jax.tree.leaves(r[0]) for r in results.values()), strict=True):

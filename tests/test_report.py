@@ -9,12 +9,14 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
+from helpers import cli
 
-from cnnjax import report
+from cnnjax import report, sweep
+from cnnjax.plots import figures
 
 LR = "optimizer.learning_rate"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-WIDTH, HEIGHT = (round(inches * report.DPI) for inches in report.FIGSIZE)
+WIDTH, HEIGHT = (round(inches * figures.DPI) for inches in figures.FIGSIZE)
 PNG_SHAPE = (HEIGHT, WIDTH, 4)  # RGBA, 480x640
 DIVERGED = "Training diverged: the mean loss of steps 1-5 is nan. Lower the learning rate."
 
@@ -52,7 +54,7 @@ def completed(accuracy: float, wall: float) -> dict:
 
 
 @pytest.fixture
-def sweep(tmp_path) -> Path:
+def sweep_dir(tmp_path) -> Path:
     """2 learning rates x 2 seeds completed; lr 1.0: one diverged, one crashed without summary."""
     root = tmp_path / "multirun/2025-01-01/12-00-00"
     jobs = [
@@ -69,15 +71,15 @@ def sweep(tmp_path) -> Path:
     return root
 
 
-def test_groups_pool_the_seeds_with_mean_and_sample_std(sweep):
-    runs = report.load_runs(sweep)
+def test_groups_pool_the_seeds_with_mean_and_sample_std(sweep_dir):
+    runs = sweep.load_runs(sweep_dir)
     assert [r.run for r in runs] == ["0", "1", "2", "3", "4", "5"]
     assert [r.status for r in runs] == ["completed"] * 4 + ["diverged", "failed"]
     assert [r.seed for r in runs] == [0, 1, 0, 1, 0, None]  # the crashed job has no config.yaml
     assert runs[0].receptive_field == "40x40" and runs[0].curve == ((1.0, 0.85), (2.0, 0.9))
-    assert report.varying_keys(runs) == [LR, "trainer.seed"]  # trainer.epochs is constant
+    assert sweep.varying_keys(runs) == [LR, "trainer.seed"]  # trainer.epochs is constant
 
-    groups = report.group_runs(runs, [LR])
+    groups = sweep.group_runs(runs, [LR])
     assert [g.values for g in groups] == [{LR: "0.001"}, {LR: "0.003"}, {LR: "1.0"}]
     assert [(g.n, g.not_completed) for g in groups] == [(2, 0), (2, 0), (0, 2)]
     assert [g.mean for g in groups[:2]] == pytest.approx([0.91, 0.865])
@@ -85,13 +87,13 @@ def test_groups_pool_the_seeds_with_mean_and_sample_std(sweep):
     assert [g.train_wall_s for g in groups[:2]] == pytest.approx([11.0, 10.0])
     assert (groups[0].first("params"), groups[0].first("macs")) == (33_058, 1_472_256)
     assert [(e, round(a, 9)) for e, a in groups[0].curve()] == [(1.0, 0.86), (2.0, 0.91)]
-    one = report.group_runs(runs[:1], [])[0]
+    one = sweep.group_runs(runs[:1], [])[0]
     assert (one.n, one.mean, one.label) == (1, 0.9, "all runs") and one.std != one.std  # NaN
 
 
-def test_report_tables_list_groups_and_every_run_that_did_not_complete(sweep, tmp_path, capsys):
+def test_report_tables_list_groups_and_every_run_that_did_not_complete(sweep_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    report.main([str(sweep), "--out", str(out)])
+    report.main([str(sweep_dir), "--out", str(out)])
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0].startswith(f"| {LR} | model | n | seeds | test accuracy (mean ± std) |")
@@ -104,7 +106,7 @@ def test_report_tables_list_groups_and_every_run_that_did_not_complete(sweep, tm
     assert rows[5] == f"| run | status | model | {LR} | seed | error |"
     assert rows[7:] == [
         f"| 4 | diverged | mnist_allconv | 1.0 | 0 | {DIVERGED} |",
-        f"| 5 | failed |  | 1.0 |  | {report.NO_SUMMARY} |",
+        f"| 5 | failed |  | 1.0 |  | {sweep.NO_SUMMARY} |",
     ]
     with (out / "report.csv").open() as f:
         table = list(csv.DictReader(f))
@@ -136,26 +138,26 @@ def test_plots_without_data_are_skipped_and_said(tmp_path, capsys):
     for name in ("accuracy_vs_params.png", "accuracy_vs_macs.png", "learning_curves.png"):
         assert f"skipped {name}: no completed run" in stdout
     assert not list(tmp_path.glob("*.png"))
-    assert f"| 0 | failed |  |  | {report.NO_SUMMARY} |" in (tmp_path / "report.md").read_text()
+    assert f"| 0 | failed |  |  | {sweep.NO_SUMMARY} |" in (tmp_path / "report.md").read_text()
 
 
-def test_an_optuna_search_gets_its_trials_plot(sweep, capsys):
-    report.main([str(sweep)])
-    assert "trials.png" not in capsys.readouterr().out  # a grid sweep: no trials plot
-    (sweep / report.OPTUNA_RESULTS).write_text("name: optuna\nbest_value: 0.92\n")
-    report.main([str(sweep)])
-    assert f"wrote {sweep / 'trials.png'}" in capsys.readouterr().out
-    assert matplotlib.image.imread(sweep / "trials.png").shape == PNG_SHAPE
+def test_an_optuna_search_gets_its_trials_plot(sweep_dir, capsys):
+    report.main([str(sweep_dir)])
+    assert "trials.png" not in capsys.readouterr().out  # a grid sweep_dir: no trials plot
+    (sweep_dir / sweep.OPTUNA_RESULTS).write_text("name: optuna\nbest_value: 0.92\n")
+    report.main([str(sweep_dir)])
+    assert f"wrote {sweep_dir / 'trials.png'}" in capsys.readouterr().out
+    assert matplotlib.image.imread(sweep_dir / "trials.png").shape == PNG_SHAPE
     for job in range(4):  # the completed trials crash instead
-        (sweep / str(job) / "summary.json").unlink()
-    report.main([str(sweep)])
+        (sweep_dir / str(job) / "summary.json").unlink()
+    report.main([str(sweep_dir)])
     assert "skipped trials.png: no trial completed" in capsys.readouterr().out
 
 
-def test_a_single_run_dir_is_one_group(sweep):
-    runs = report.load_runs(sweep / "0")
+def test_a_single_run_dir_is_one_group(sweep_dir):
+    runs = sweep.load_runs(sweep_dir / "0")
     assert [(r.run, r.test_accuracy) for r in runs] == [(".", 0.9)]
-    assert report.varying_keys(runs) == []
+    assert sweep.varying_keys(runs) == []
 
 
 def test_cli_exits_2_naming_the_problem(tmp_path, capsys):
@@ -171,18 +173,17 @@ def test_cli_exits_2_naming_the_problem(tmp_path, capsys):
 
 
 def test_report_on_a_real_multirun(tmp_path, idx_dir):
-    from test_train import cli  # imports jax and the trainer: only this test needs them
 
-    sweep = tmp_path / "sweep"
+    sweep_dir = tmp_path / "sweep_dir"
     cli(
         tmp_path, idx_dir, f"{LR}=1e-3,3e-3", "trainer.max_steps=3",
-        "trainer.compilation_cache_dir=null", f"hydra.sweep.dir={sweep}", multirun=True,
+        "trainer.compilation_cache_dir=null", f"hydra.sweep.dir={sweep_dir}", multirun=True,
     )  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "cnnjax.report", str(sweep)], capture_output=True, text=True
+        [sys.executable, "-m", "cnnjax.report", str(sweep_dir)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    with (sweep / "report.csv").open() as f:
+    with (sweep_dir / "report.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [(r["run"], r["status"], r[LR], r["seed"]) for r in table] == [
         ("0", "completed", "0.001", "0"),  # Hydra writes 1e-3 as 0.001
@@ -191,16 +192,16 @@ def test_report_on_a_real_multirun(tmp_path, idx_dir):
     assert {(r["params"], r["macs"], r["receptive_field"], r["steps"]) for r in table} == {
         ("33058", "1472256", "40x40", "3")
     }
-    assert "None: every run completed." in (sweep / "report.md").read_text()
-    assert f"wrote {sweep / 'accuracy_vs_optimizer_learning_rate.png'}" in proc.stdout
-    assert f"wrote {sweep / 'learning_curves.png'}" in proc.stdout
+    assert "None: every run completed." in (sweep_dir / "report.md").read_text()
+    assert f"wrote {sweep_dir / 'accuracy_vs_optimizer_learning_rate.png'}" in proc.stdout
+    assert f"wrote {sweep_dir / 'learning_curves.png'}" in proc.stdout
 
 
 def test_a_swept_model_is_one_column_of_the_failed_runs(tmp_path):
     runs = [
-        report.Run("0", "completed", "lenet", 0, 0.9, overrides={"model": "lenet"}),
-        report.Run("1", "failed", "vgg11", 0, overrides={"model": "vgg11"}, error="boom"),
+        sweep.Run("0", "completed", "lenet", 0, 0.9, overrides={"model": "lenet"}),
+        sweep.Run("1", "failed", "vgg11", 0, overrides={"model": "vgg11"}, error="boom"),
     ]
-    md = report.markdown(tmp_path, runs, report.group_runs(runs, ["model"]), ["model"])
+    md = report.markdown(tmp_path, runs, sweep.group_runs(runs, ["model"]), ["model"])
     assert "| run | status | model | seed | error |\n" in md
     assert "| 1 | failed | vgg11 | 0 | boom |" in md

@@ -5,25 +5,22 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from helpers import MODELS, compose_config
 
 from cnnjax import summary
 
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 ROW_KEYS = {"name", "type", "input_shape", "output_shape", "params", "macs", "rf", "jump", "start"}
 TOTAL_KEYS = {"params", "trainable_params", "macs", "param_mb", "activation_mb", "total_mb"}
 
 
-def _report(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return summary.report(compose("summary", overrides=list(overrides)))
+def _report(name: str, *overrides: str):
+    return summary.report(compose_config("summary", f"model={name}", *overrides), name)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_json_for_every_model(name):
-    out = json.loads(_report(f"model={name}", "format=json"))
-    assert out["layers"] and set(out["totals"]) >= TOTAL_KEYS
+    out = json.loads(_report(name, "format=json"))
+    assert out["model"] == name and out["layers"] and set(out["totals"]) >= TOTAL_KEYS
     for row in out["layers"]:
         assert set(row) >= ROW_KEYS
         assert len(row["output_shape"]) in (2, 4) and row["output_shape"][0] == 1
@@ -33,7 +30,8 @@ def test_json_for_every_model(name):
 
 
 def test_markdown_allconv():
-    text = _report("model=mnist_allconv", "format=markdown")
+    text = _report("mnist_allconv", "format=markdown")
+    assert text.startswith("### mnist_allconv on 28x28x1 input")
     assert "| 15 | conv7 | Conv | 3/1 | 0 | 1x1x10 | 5,770 | 5,760 | 40 | 4 | 14 |" in text
     assert "- Estimated Total Size (MB): 0.30  (batch size 1)" in text
     assert "- Smallest square input: 28x28" in text

@@ -1,17 +1,15 @@
 """End to end: the CLI on a small generated IDX dataset, sweeps, determinism and divergence."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cli, read_jsonl
 
-from cnnjax import train
+from cnnjax import runtime, train
 
 SUMMARY_KEYS = {
     "status",
@@ -33,30 +31,7 @@ def jax_cache(tmp_path, monkeypatch) -> Iterator[Path]:
     path = tmp_path / "jax_cache"
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(path))  # the config's default
     yield path
-    train.use_compilation_cache(None)
-
-
-def cli(tmp_path: Path, idx_dir: Path, *overrides: str, multirun=False, check=True):
-    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-    args = [
-        sys.executable,
-        "-m",
-        "cnnjax.train",
-        *(["-m"] if multirun else []),
-        f"dataset.source_dir={idx_dir}",
-        "dataset.name=toy",
-        "trainer.progress=false",
-        "trainer.eval_batch_size=100",
-        *overrides,
-    ]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    runtime.use_compilation_cache(None)
 
 
 def test_cli_run_writes_config_metrics_and_summary(tmp_path, idx_dir):
@@ -118,7 +93,7 @@ def test_same_seed_same_result_and_it_learns(tmp_path, idx_dir, compose_cfg, mon
     results = []
     for name in ("a", "b"):
         cfg = compose_cfg(*overrides)
-        summary = train.run(cfg, tmp_path / name)
+        summary = train.run(cfg, tmp_path / name, "blocknet")
         results.append(
             (
                 summary["test_accuracy"],
@@ -251,8 +226,8 @@ def test_target_accuracy_ends_the_run_early(tmp_path, idx_dir, compose_cfg, monk
         "trainer.progress=false",
         "trainer.eval_batch_size=100",
     ]
-    run_dir = tmp_path / "run"
-    summary = train.run(compose_cfg(*recipe, "trainer.target_accuracy=0.5"), run_dir)
+    run_dir, name = tmp_path / "run", "mnist_allconv"
+    summary = train.run(compose_cfg(*recipe, "trainer.target_accuracy=0.5"), run_dir, name)
     assert summary["status"] == "completed" and summary["reached_target"] is True
     assert summary["target_step"] == summary["steps"] < 24 and summary["steps"] % 8 == 0
     assert summary["target_epoch"] == summary["epochs"] and summary["target_train_wall_s"] > 0
@@ -261,10 +236,10 @@ def test_target_accuracy_ends_the_run_early(tmp_path, idx_dir, compose_cfg, monk
     assert tests[-1]["accuracy"] == summary["test_accuracy"]
 
     # the same command again resumes at the target and trains no further
-    again = train.run(compose_cfg(*recipe, "trainer.target_accuracy=0.5"), run_dir)
+    again = train.run(compose_cfg(*recipe, "trainer.target_accuracy=0.5"), run_dir, name)
     assert {k: again[k] for k in ("status", "steps", "reached_target", "target_step")} == {
         k: summary[k] for k in ("status", "steps", "reached_target", "target_step")
     }
     # a target out of reach: it trains on from there to the last step
-    more = train.run(compose_cfg(*recipe, "trainer.target_accuracy=1.01"), run_dir)
+    more = train.run(compose_cfg(*recipe, "trainer.target_accuracy=1.01"), run_dir, name)
     assert (more["steps"], more["reached_target"], more["target_step"]) == (24, False, None)

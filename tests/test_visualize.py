@@ -1,5 +1,6 @@
-"""`python -m cnnjax.visualize`: a tiny trained run drawn, its receptive field against the input
-gradient, the errors, and the feature-map capture of every model config (shapes only)."""
+"""`python -m cnnjax.visualize`: a tiny trained run drawn (`plots.run_pictures`), its receptive
+field against the input gradient (`probe`), loading a run and its errors (`trained`), and the
+feature-map capture of every model config (shapes only)."""
 
 import json
 import shutil
@@ -13,14 +14,13 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from helpers import RUNNABLE, cli, compose_config
 from hydra.utils import instantiate
-from test_analysis import SMALL  # the big models at small inputs
 
-from cnnjax import analysis, train, visualize
+from cnnjax import analysis, models, probe, recipe, runtime, trained
+from cnnjax.errors import ConfigError, RunDirError
+from cnnjax.plots import figures, run_pictures
 
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # mnist_allconv's PNGs, (height, width) in pixels at 100 dpi
 MAP = (475, 1000)  # 4 images x (input + 8 channels) 1-inch panels, + colour bar and title
@@ -34,7 +34,7 @@ PNG_SIZES = {
 STAGES = {  # what some feature maps are: post-activation where the model has one
     "mnist_allconv": {"conv1": "Conv → ReLU", "conv7": "Conv"},  # conv7 gives the logits
     "blocknet": {"transition1_conv": "Conv → ReLU", "classifier": "Conv"},
-    "resnet18": {
+    "resnet18_small": {
         "conv1": "Conv → BatchNorm → ReLU",
         "layer1_0/conv1": "Conv → BatchNorm → ReLU",
         "layer1_0/conv2": "Conv → BatchNorm",  # then the residual add, then ReLU
@@ -47,8 +47,6 @@ STAGES = {  # what some feature maps are: post-activation where the model has on
 def run_dir(tmp_path_factory, idx_dir) -> Iterator[Path]:
     """A 3-step mnist_allconv run on the generated IDX data (checkpoint at step 3); its
     compilations cached in this module's directory, where visualize finds them."""
-    from test_train import cli  # imports the trainer: only this module's fixtures need it
-
     root = tmp_path_factory.mktemp("visualize")
     run = root / "run"
     cli(
@@ -56,17 +54,12 @@ def run_dir(tmp_path_factory, idx_dir) -> Iterator[Path]:
         f"trainer.compilation_cache_dir={root / 'jax_cache'}",
     )  # fmt: skip
     yield run
-    train.use_compilation_cache(None)
-
-
-def _cfg(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("visualize", overrides=list(overrides))
+    runtime.use_compilation_cache(None)
 
 
 @pytest.fixture(scope="module")
-def result(run_dir) -> visualize.Result:
-    return visualize.visualize(_cfg(f"run_dir={run_dir}"))
+def result(run_dir) -> run_pictures.Result:
+    return run_pictures.draw(**compose_config("visualize", f"run_dir={run_dir}"))
 
 
 def test_every_png_is_written_at_its_size(run_dir, result):
@@ -95,38 +88,38 @@ def test_receptive_field_agrees_with_the_gradient_footprint(result):
 
 
 def test_a_chosen_unit_sees_its_window_and_nothing_outside(run_dir):
-    run = visualize.load_run(run_dir)
+    run = trained.load(run_dir)
     table = run.recipe.table
     rows = {r.name: r for r in table.rows}
-    assert visualize.unit_window(rows["pool1"], (0, 0)) == ((-2, 3), (-2, 3))  # rf 6, start 1
-    assert visualize.choose_unit(table, "conv5", None) == (rows["conv5"], (2, 2))  # 5x5: centre
-    row, unit = visualize.choose_unit(table, "conv5", [1, 2])
-    window = visualize.unit_window(row, unit)
-    assert window == ((-2, 21), (2, 25))  # rf 24 around (6 + 4, 6 + 8)
+    pool1 = [rows["pool1"].axis_rf(a) for a in range(2)]
+    assert [(rf.centre(0), rf.window(0)) for rf in pool1] == [(1.0, (-2, 3))] * 2  # rf 6, start 1
+    assert probe.choose_unit(table, "conv5", None) == (rows["conv5"], (2, 2))  # 5x5: centre
+    row, unit = probe.choose_unit(table, "conv5", [1, 2])
     x = run.recipe.preprocess(run.recipe.test_split.images_NxHxWxC[:1])
-    gradient = visualize.unit_gradient(run.recipe.model, run.variables, x, "conv5", unit)
-    rf = visualize.receptive_field(row, unit, gradient)
+    gradient = probe.unit_gradient(run.recipe.model, run.variables, x, "conv5", unit)
+    rf = probe.receptive_field(row, unit, gradient)
+    assert rf.window == ((-2, 21), (2, 25))  # rf 24 around (6 + 4, 6 + 8)
     assert rf.footprint is not None and rf.footprint_inside
     assert not gradient[:, :2].any() and not gradient[:, 26:].any() and not gradient[22:].any()
-    with pytest.raises(visualize.VisualizeError, match=r"'conv5', whose output is 5x5"):
-        visualize.choose_unit(table, "conv5", [5, 0])
-    with pytest.raises(visualize.VisualizeError, match="choose one of .*'conv7'"):
-        visualize.choose_unit(table, "fc", None)
+    with pytest.raises(ConfigError, match=r"'conv5', whose output is 5x5"):
+        probe.choose_unit(table, "conv5", [5, 0])
+    with pytest.raises(ConfigError, match="choose one of .*'conv7'"):
+        probe.choose_unit(table, "fc", None)
 
 
 def test_a_directory_that_is_not_a_run_or_has_no_checkpoint_says_so(run_dir, tmp_path):
-    with pytest.raises(visualize.VisualizeError, match="holds no config.yaml") as info:
-        visualize.load_run(tmp_path)
+    with pytest.raises(RunDirError, match="holds no config.yaml") as info:
+        trained.load(tmp_path)
     assert "python -m cnnjax.train" in str(info.value)
     shutil.copy(run_dir / "config.yaml", tmp_path)
-    with pytest.raises(visualize.VisualizeError, match="has no checkpoints/") as info:
-        visualize.load_run(tmp_path)
+    with pytest.raises(RunDirError, match="has no checkpoints/") as info:
+        trained.load(tmp_path)
     assert f"hydra.run.dir={tmp_path}" in str(info.value)  # the fix: resume the run
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(visualize.VisualizeError, match="holds no checkpoint"):
-        visualize.load_run(tmp_path)
-    with pytest.raises(visualize.VisualizeError, match="run_dir is required"):
-        visualize.visualize(_cfg())
+    with pytest.raises(RunDirError, match="holds no checkpoint"):
+        trained.load(tmp_path)
+    with pytest.raises(ConfigError, match="run_dir is required"):
+        run_pictures.draw(**compose_config("visualize"))
 
 
 def test_cli_exits_2_naming_the_problem(tmp_path):
@@ -137,30 +130,31 @@ def test_cli_exits_2_naming_the_problem(tmp_path):
 
 
 def test_settings_and_helpers():
-    assert visualize.confusion_count("auto", 10_000, 1_472_256) == 10_000  # mnist_allconv
-    assert visualize.confusion_count("auto", 10_000, 1_131_201_056) == 1000  # alexnet
-    assert visualize.confusion_count(300, 256, 1) == 256
-    with pytest.raises(visualize.VisualizeError, match="confusion_images=0"):
-        visualize.confusion_count(0, 256, 1)
+    assert run_pictures.confusion_count("auto", 10_000, 1_472_256) == 10_000  # mnist_allconv
+    assert run_pictures.confusion_count("auto", 10_000, 1_131_201_056) == 1000  # alexnet
+    assert run_pictures.confusion_count(300, 256, 1) == 256
+    with pytest.raises(ConfigError, match="confusion_images=0"):
+        run_pictures.confusion_count(0, 256, 1)
     names = [f"class {k}" for k in range(10)]
-    cfg = _cfg(f"+dataset={{num_classes: 10, class_names: {names}}}").dataset
-    assert visualize.class_labels(cfg) == names
-    assert visualize.class_labels(_cfg("+dataset={num_classes: 3}").dataset) == ["0", "1", "2"]
-    grid = visualize.mosaic(np.ones((5, 3, 3)), cols=2)  # 3 rows of 2, 1-pixel gaps
+    cfg = compose_config("visualize", f"+dataset={{num_classes: 10, class_names: {names}}}")
+    assert recipe.class_names(cfg.dataset) == names
+    three = compose_config("visualize", "+dataset={num_classes: 3}").dataset
+    assert recipe.class_names(three) == ["0", "1", "2"]
+    grid = figures.mosaic(np.ones((5, 3, 3)), cols=2)  # 3 rows of 2, 1-pixel gaps
     assert grid.image.shape == (11, 7) and np.isnan(grid.image[3]).all()
     assert grid.centres == ([1.0, 5.0, 9.0], [1.0, 5.0])
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_feature_maps_of_every_model(compose_cfg, name):
-    model = instantiate(compose_cfg(f"model={name}", *SMALL.get(name, [])).model)
-    shape = analysis.summary_input_shape(model, batch_size=2)
+    model = instantiate(compose_cfg(f"model={name}").model)
+    shape = models.input_shape(model, batch_size=2)
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     stages: dict[str, str] = {}
 
     def capture(variables, x):
-        maps, found = visualize.feature_maps(model, variables, x)
+        maps, found = probe.feature_maps(model, variables, x)
         stages.update(found)
         return maps
 

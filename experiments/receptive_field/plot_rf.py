@@ -9,12 +9,9 @@ import json
 import statistics
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from cnnjax import analysis
 from cnnjax.models.blocknet import BlockNet
-from cnnjax.report import DPI, FIGSIZE
+from cnnjax.plots.figures import DPI, new_figure
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,8 +28,8 @@ def main() -> None:
     for run in runs:
         by_blocks.setdefault(run["model.blocks"], []).append(float(run["test_accuracy"]))
     points = sorted((last_conv_rf(json.loads(b)), acc) for b, acc in by_blocks.items())
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.add_subplot()
+    fig = new_figure()
+    ax = fig.subplots()
     rf = [p[0] for p in points]
     ax.errorbar(
         rf,
@@ -49,7 +46,7 @@ def main() -> None:
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    FigureCanvasAgg(fig).print_png(RESULTS / "accuracy_vs_last_conv_rf.png")
+    fig.savefig(RESULTS / "accuracy_vs_last_conv_rf.png", dpi=DPI)
     for r, acc in points:
         print(f"rf {r:3d}: {statistics.mean(acc):.4f} ± {statistics.stdev(acc):.4f}")
 

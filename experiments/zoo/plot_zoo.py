@@ -7,10 +7,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
-from cnnjax.report import DPI, FIGSIZE
+from cnnjax.plots.figures import DPI, new_figure
 
 RESULTS = Path(__file__).parent / "results"
 CLASSES = {  # the sweep directory of each size class, and its recipe
@@ -24,8 +21,7 @@ def main() -> None:
     for run in csv.DictReader((RESULTS / "report.csv").open()):
         if run["status"] == "completed":
             by_model.setdefault(run["model"], []).append(run)
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure()
     ax = fig.subplots()
     print("| model | class | params | MACs / image | receptive field | test accuracy | train s |")
     print("|---|---|---:|---:|---|---|---:|")

@@ -2,8 +2,8 @@
 config's recipe, trained with the PyTorch twin until a test accuracy.
 
 What is the same as `cnnjax.train`: the initial weights (the twin gets the Flax model's), the
-data (`train.prepare` loads it), the preprocessing (uint8 / 255, then the dataset's mean and
-std), every epoch's batches (`train.epoch_plan`), the step plan, the optimizer (the torch
+data (`recipe.prepare` loads it), the preprocessing (uint8 / 255, then the dataset's mean and
+std), every epoch's batches (`batches.epoch_plan`), the step plan, the optimizer (the torch
 equal of the configured optax one, with optax's defaults), the learning rate of every step (the
 configured schedule function, evaluated in Python), label smoothing, gradient clipping and when
 the test split is evaluated. Dropout masks come from torch's generator, not JAX's, and torch's
@@ -22,7 +22,9 @@ import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
-from cnnjax import analysis, data, torch_twin, train
+from cnnjax import analysis, batches, data, models, recipe
+from cnnjax.bench import twin
+from cnnjax.errors import ConfigError
 
 # optax arguments that torch's optimizers cannot take, and the only values reproduced exactly
 _NO_TORCH_EQUAL = {
@@ -52,17 +54,18 @@ def torch_optimizer(optimizer: DictConfig) -> tuple[type[torch.optim.Optimizer],
         if name == "optax.adamw":  # decoupled decay, scaled by the learning rate in both
             cls, args["weight_decay"] = torch.optim.AdamW, kw["weight_decay"]
     else:
-        raise ValueError(
+        raise ConfigError(
             f"optimizer {name}: the PyTorch reference knows optax.adam, optax.adamw and optax.sgd"
         )
     differing = [f"{k}={kw[k]!r}" for k, v in _NO_TORCH_EQUAL.items() if k in kw and kw[k] != v]
     if differing:
-        raise ValueError(f"optimizer {name}: {', '.join(differing)} has no torch equal")
+        raise ConfigError(f"optimizer {name}: {', '.join(differing)} has no torch equal")
     return cls, args
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise ValueError, naming every option of the recipe that the reference cannot reproduce."""
+    """Raise ConfigError, naming every option of the recipe that the reference cannot
+    reproduce."""
     t, ds = cfg.trainer, cfg.dataset
     problems = []
     if t.precision != "fp32":
@@ -74,21 +77,21 @@ def check(cfg: DictConfig) -> None:
         )
     try:
         torch_optimizer(cfg.optimizer)
-    except ValueError as e:
+    except ConfigError as e:
         problems.append(str(e))
     model = instantiate(cfg.model)
-    hwc = (model.input_size, model.input_size, model.in_channels)
-    if hwc != (ds.image_size, ds.image_size, ds.channels):
+    shape = models.input_shape(model)
+    if shape[1:] != (ds.image_size, ds.image_size, ds.channels):
         problems.append(
-            f"{ds.image_size}x{ds.image_size}x{ds.channels} images for a {'x'.join(map(str, hwc))}"
-            " model (the reference feeds images that already fit)"
+            f"{ds.image_size}x{ds.image_size}x{ds.channels} images for a "
+            f"{'x'.join(map(str, shape[1:]))} model (the reference feeds images that already fit)"
         )
     try:
-        torch_twin.check(analysis.analyze(model, (1, *hwc)))
-    except ValueError as e:
+        twin.check(analysis.analyze(model, shape))
+    except ConfigError as e:
         problems.append(str(e))
     if problems:
-        raise ValueError(
+        raise ConfigError(
             "the PyTorch reference cannot reproduce this recipe: "
             + "; ".join(problems)
             + ". Change those options (bench.train_overrides) or run with bench.reference=null."
@@ -100,20 +103,21 @@ class TwinTrainer:
     the schedule's rates and the data as NCHW tensors: training steps on index batches, and the
     test accuracy."""
 
-    def __init__(self, cfg: DictConfig, recipe: train.Recipe):
-        t, ds, r = cfg.trainer, cfg.dataset, recipe
+    def __init__(self, cfg: DictConfig, r: recipe.Recipe):
+        t, ds = cfg.trainer, cfg.dataset
         variables = jax.device_get({"params": r.state.params, **r.state.model_state})
-        self.net = torch_twin.build(r.table, variables, dropout=getattr(r.model, "dropout", 0.0))
+        self.net = twin.build(r.table, variables, dropout=getattr(r.model, "dropout", 0.0))
         cls, args = torch_optimizer(cfg.optimizer)
         self.opt = cls(self.net.parameters(), lr=0.0, **args)
-        self.rates = np.asarray(jax.vmap(r.schedule)(jnp.arange(r.total_steps)), np.float64)
+        steps = r.settings.total_steps
+        self.rates = np.asarray(jax.vmap(r.schedule)(jnp.arange(steps)), np.float64)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.grad_clip_norm, self.eval_batch_size = t.grad_clip_norm, t.eval_batch_size
         channels = r.train_split.images_NxHxWxC.shape[-1]
         self.mean, self.std = (
             torch.from_numpy(np.resize(np.asarray(v, np.float32), channels)).view(1, -1, 1, 1)
             for v in (ds.mean, ds.std)
-        )  # as data.make_preprocess
+        )  # as batches.make_preprocess
         self.train_images, self.train_labels = _nchw(r.train_split)
         self.test_images, self.test_labels = _nchw(r.test_split)
         self.step = 0
@@ -158,25 +162,23 @@ def train_to_target(cfg: DictConfig, target: float) -> dict:
     run out), as `cnnjax.train` does; wall seconds from after the check, data loading included."""
     check(cfg)
     start = time.perf_counter()
-    t = cfg.trainer
-    r = train.prepare(cfg)
-    twin = TwinTrainer(cfg, r)
+    r = recipe.prepare(cfg)
+    s, trainer = r.settings, TwinTrainer(cfg, r)
     accuracy, reached = None, False
-    for epoch, batches in train.epoch_plan(
-        t.seed, len(twin.train_labels), t.batch_size, r.total_steps
-    ):
-        for idx in batches:
-            twin.train_step(idx)
-        if epoch % t.eval_every == 0 or twin.step == r.total_steps:
-            accuracy = twin.test_accuracy()
+    plan = batches.epoch_plan(s.seed, len(trainer.train_labels), s.batch_size, s.total_steps)
+    for epoch, indices in plan:
+        for idx in indices:
+            trainer.train_step(idx)
+        if epoch % s.eval_every == 0 or trainer.step == s.total_steps:
+            accuracy = trainer.test_accuracy()
             if accuracy >= target:
                 reached = True
                 break
     return {
         "torch_seconds": round(time.perf_counter() - start, 2),
         "torch_accuracy": accuracy,
-        "torch_epochs": round(twin.step / r.steps_per_epoch, 4),
-        "torch_steps": twin.step,
+        "torch_epochs": s.epoch(trainer.step),
+        "torch_steps": trainer.step,
         "torch_reached_target": reached,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cnnjax.analysis import Analysis, Row
+from cnnjax.errors import ConfigError
 
 
 class FlattenNHWC(nn.Module):
@@ -86,12 +87,12 @@ def _layer(row: Row, variables: dict, dropout: float) -> list[nn.Module]:
 
 
 def check(table: Analysis) -> None:
-    """Raise ValueError when the twin of `table`'s model cannot be built."""
+    """Raise ConfigError when the twin of `table`'s model cannot be built."""
     if any(r.type == "Add" for r in table.rows):
-        raise ValueError("the PyTorch twin supports chain models only (this one has branches)")
+        raise ConfigError("the PyTorch twin supports chain models only (this one has branches)")
     for row in table.rows:
         if row.type not in SUPPORTED:
-            raise ValueError(
+            raise ConfigError(
                 f"the PyTorch twin has no {row.type} layer ({row.name}); it supports chain "
                 "models of Conv, MaxPool, AvgPool, ReLU, Flatten, GlobalAvgPool, Dense, Dropout, "
                 "BatchNorm"

@@ -1,0 +1,96 @@
+"""What several test modules use (conftest.py's directory is on sys.path): the configs and the
+models to run, generated IDX data, the training CLI, and what a run wrote."""
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cnnjax.runtime import CONF_DIR
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+# Every architecture once, the large ones as their small-input configs (conf/model/*_small.yaml)
+RUNNABLE = [m for m in MODELS if f"{m}_small" not in MODELS]
+
+
+def compose_config(name: str, *overrides: str, hydra: bool = False) -> DictConfig:
+    """conf/<name>.yaml with `overrides`; `hydra` keeps Hydra's own node."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    """Write uint8 `array` as an IDX file (magic 0x0801 for 1-d labels, 0x0803 for images)."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+def make_idx_dataset(root: Path, n_train: int, n_test: int, gz: bool = True, seed: int = 0) -> dict:
+    """Four IDX files of learnable 28x28 images: class k lights up row band k, plus noise."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4 : 2 * k + 6, 4:24] = 250
+        write_idx(root / f"{split}-images-idx3-ubyte", images, gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels, gz)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def cli(tmp_path: Path, idx_dir: Path, *overrides: str, multirun=False, check=True):
+    """`python -m cnnjax.train` on the generated dataset `idx_dir` (prepared under tmp_path)."""
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    args = [
+        sys.executable,
+        "-m",
+        "cnnjax.train",
+        *(["-m"] if multirun else []),
+        f"dataset.source_dir={idx_dir}",
+        "dataset.name=toy",
+        "trainer.progress=false",
+        "trainer.eval_batch_size=100",
+        *overrides,
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoints a run directory holds."""
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def final_arrays(run_dir: Path) -> dict:
+    """The newest checkpoint's arrays, read onto this process's first device whatever the
+    devices and processes that saved them."""
+    path = (run_dir / "checkpoints" / str(checkpoint_steps(run_dir)[-1]) / "state").absolute()
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path).item_metadata
+        like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here)  # noqa: E731
+        return checkpointer.restore(path, jax.tree.map(like, saved))
