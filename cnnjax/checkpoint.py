@@ -1,10 +1,11 @@
 """Checkpoints of a run with orbax: everything needed to continue exactly.
 
 A checkpoint holds the train state's arrays (parameters, optimizer state, batch statistics,
-step) and the dropout/augmentation key as `state`, and JSON `meta` with the position in the data
-order and the best test result so far. orbax writes each step into a temporary directory and
-renames it when complete, so a crash mid-save never leaves a checkpoint that looks whole; one
-that is damaged anyway is reported and the previous one is used.
+step) and the dropout/augmentation key as `state`, and JSON `meta`: the position in the data
+order, the best test result so far and what defines the run (`run`). orbax writes each step into
+a temporary directory and renames it when complete, so a crash mid-save never leaves a checkpoint
+that looks whole; one that is damaged anyway is reported in one line, the previous one is used,
+and it is written anew when its step comes again.
 """
 
 import logging
@@ -29,13 +30,20 @@ def _arrays(state: TrainState, rng: jax.Array) -> dict[str, Any]:
     }
 
 
-class Checkpoints:
-    """The checkpoints of one run directory: save every N steps and at the end, keep the last K."""
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
 
-    def __init__(self, directory: Path, keep: int):
+
+class Checkpoints:
+    """The checkpoints of one run directory: save every N steps and at the end, keep the last K;
+    every one records `run`, the definition of the run it belongs to."""
+
+    def __init__(self, directory: Path, keep: int, run: dict | None = None):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
         self.directory = directory.absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.run = run
+        self.unreadable: dict[int, str] = {}  # step: why it cannot be read (it is saved anew)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -43,11 +51,26 @@ class Checkpoints:
     def save(self, state: TrainState, rng: jax.Array, meta: dict) -> None:
         step = int(state.step)
         if step in self.manager.all_steps():
-            return
+            if step not in self.unreadable:
+                return
+            self.manager.delete(step)  # damaged: this save replaces it
+            del self.unreadable[step]
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(_arrays(state, rng)), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(_arrays(state, rng)),
+            meta=ocp.args.JsonSave({**meta, "run": self.run}),
         )
         self.manager.save(step, args=args, force=True)
+
+    def recorded_run(self) -> dict | None:
+        """The run definition the newest readable checkpoint records (None: none records one,
+        as those of older versions)."""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        for step in reversed(self.steps()):
+            try:
+                return dict(self.manager.restore(step, args=args).meta).get("run")
+            except Exception:  # damaged: restore_latest reports it
+                continue
+        return None
 
     def restore_latest(
         self, state: TrainState, rng: jax.Array
@@ -63,14 +86,11 @@ class Checkpoints:
             try:
                 restored = self.manager.restore(step, args=args)
             except Exception as e:  # orbax raises many types for a damaged directory
+                self.unreadable[step] = _first_line(e)
                 log.warning(
-                    "checkpoint %d in %s cannot be read (%s: %s); falling back to the one "
-                    "before it",
-                    step,
-                    self.directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
-                )
+                    "checkpoint %d in %s cannot be read (%s); falling back to the one before it",
+                    step, self.directory, self.unreadable[step],
+                )  # fmt: skip
                 continue
             leaves = jax.tree.leaves(restored.state)
             arrays = jax.tree.unflatten(jax.tree.structure(template), leaves)
@@ -80,7 +100,8 @@ class Checkpoints:
                 opt_state=arrays["opt_state"],
                 model_state=arrays["model_state"],
             )
-            return state, jax.random.wrap_key_data(arrays["rng"]), dict(restored.meta)
+            meta = {k: v for k, v in dict(restored.meta).items() if k != "run"}
+            return state, jax.random.wrap_key_data(arrays["rng"]), meta
         return None
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 command reports them."""
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -21,10 +22,13 @@ class RunDirError(CnnjaxError):
 
 @contextlib.contextmanager
 def reported() -> Iterator[None]:
-    """A command's body: a CnnjaxError inside ends the process with its message and status 2
-    (no traceback); anything else propagates, traceback and all."""
+    """A command's body: a CnnjaxError inside ends the process with its message and status 2,
+    without a traceback (with HYDRA_FULL_ERROR=1, with it); anything else, a bug, propagates
+    with its traceback."""
     try:
         yield
     except CnnjaxError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -21,13 +21,15 @@ from tqdm import tqdm
 
 from cnnjax import batches, checkpoint, engine, parallel
 from cnnjax.data import Split
+from cnnjax.errors import CnnjaxError, RunDirError
 from cnnjax.rundir import RunWriter
 
 log = logging.getLogger("cnnjax.loop")
+FIRST_STEPS = 10  # a run non-finite this early has the data named among the suspects
 
 
-class Diverged(RuntimeError):
-    """The loss or the parameters became NaN or infinite."""
+class Diverged(CnnjaxError, RuntimeError):
+    """The loss or the parameters became NaN or infinite; the message says what to change."""
 
 
 class Interrupted(Exception):
@@ -35,7 +37,11 @@ class Interrupted(Exception):
 
 
 class _NonFinite(ArithmeticError):
-    """What went non-finite, before the loop adds its advice (see `Diverged`)."""
+    """What went non-finite from `first_step` on, before the loop adds its advice."""
+
+    def __init__(self, what: str, first_step: int):
+        super().__init__(what)
+        self.first_step = first_step
 
 
 class StopSignals:
@@ -76,6 +82,7 @@ class Settings:
     schedule: Callable[[int], float]  # the learning rate of each step, logged
     target_accuracy: float | None = None  # stop after the first evaluation reaching it
     progress_bar: bool = True
+    data_facts: str = ""  # labels and normalisation, named when a run diverges at once
 
     def epoch(self, step: int) -> float:
         """Epochs done after `step` steps, fractional."""
@@ -190,7 +197,7 @@ class MetricsWindow:
         loss = float(np.mean([m["loss"] for m in self.pending])) if self.pending else 0.0
         if not math.isfinite(loss):
             first = step - len(self.pending) + 1
-            raise _NonFinite(f"the mean loss of steps {first}-{step} is {loss}")
+            raise _NonFinite(f"the mean loss of steps {first}-{step} is {loss}", first)
         return self.pending
 
     def close(self, step: int) -> tuple[dict, float | None]:
@@ -229,40 +236,76 @@ def evaluate(
     }
 
 
+def differences(recorded: dict, current: dict) -> list[str]:
+    """The keys of two run definitions that differ: "key: <current> here, <recorded> there"."""
+    missing = "(unset)"
+    keys = sorted(set(recorded) | set(current))
+    return [
+        f"{k}: {current.get(k, missing)!r} here, {recorded.get(k, missing)!r} there"
+        for k in keys
+        if recorded.get(k, missing) != current.get(k, missing)
+    ]
+
+
 def resume(
     checkpoints: checkpoint.Checkpoints,
     state: engine.TrainState,
     rng: jax.Array,
+    s: Settings,
     allowed: bool,
-    writer: RunWriter,
+    recorded: dict | None,
 ) -> Start:
-    """The latest checkpoint of the run directory, if any, with the progress it recorded (else
-    `state` and `rng`); the metrics written after it are dropped (the resumed run writes them
-    again)."""
+    """Where the run continues: the latest readable checkpoint with the progress it recorded,
+    or `state` and `rng` when there is none. A directory whose run is another (`recorded`, its
+    definition, differs from `checkpoints.run`), whose checkpoints cannot be read, that has
+    trained more steps than asked, or that may not be resumed (`allowed` false) is refused
+    with a RunDirError before anything is written."""
+    run_dir = checkpoints.directory.parent
+    recorded = checkpoints.recorded_run() or recorded
+    if recorded is not None and recorded != checkpoints.run:
+        raise RunDirError(
+            f"{run_dir} holds another run: " + "; ".join(differences(recorded, checkpoints.run))
+            + ". A run resumes only with the settings that define it: run again with those, or "
+            "give this run another hydra.run.dir."
+        )
     steps = checkpoints.steps()
     if not steps:
         return Start(state, rng, Progress())
     if not allowed:
-        raise ValueError(
-            f"{writer.run_dir} already holds checkpoints (steps {steps}) and trainer.resume is "
-            "false: set trainer.resume=true to continue from them, or choose another "
-            "hydra.run.dir to start over"
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints (steps {steps}) and trainer.resume is false: "
+            "set trainer.resume=true to continue from them, or give this run another "
+            "hydra.run.dir to start over."
         )
+    if recorded is None:
+        log.warning(
+            "the checkpoints in %s do not record the run's settings (an older cnnjax wrote "
+            "them): resuming without checking that they are this run's", run_dir,
+        )  # fmt: skip
     restored = checkpoints.restore_latest(state, rng)
     if restored is None:
-        raise RuntimeError(
-            f"none of the checkpoints in {writer.run_dir}/checkpoints (steps {steps}) can be "
-            "read; delete that directory to start over"
+        raise RunDirError(
+            f"none of the checkpoints in {checkpoints.directory} (steps {steps}) can be read: "
+            "delete that directory to train this run from the start, or give it another "
+            "hydra.run.dir."
         )
     state, rng, meta = restored
     step, progress = Progress.from_meta(meta)
-    writer.truncate_metrics(after_step=step)
-    log.info("resuming from the checkpoint at step %d in %s", step, writer.run_dir)
+    if step > s.total_steps:
+        raise RunDirError(
+            f"{run_dir} has trained {step} steps, more than the {s.total_steps} this run asks "
+            f"for (trainer.epochs / trainer.max_steps): ask for at least {step}, or give this "
+            "run another hydra.run.dir."
+        )
+    log.info("resuming from the checkpoint at step %d in %s", step, run_dir)
     return Start(state, rng, progress)
 
 
-def diverged(what: str, learning_rate: float, checkpoints: checkpoint.Checkpoints) -> Diverged:
-    """The error of a run that went non-finite: what did, the likely cause and the last good
+def diverged(
+    what: str, learning_rate: float, checkpoints: checkpoint.Checkpoints, data_facts: str = ""
+) -> Diverged:
+    """The error of a run that went non-finite: what did, the likely causes (`data_facts`: the
+    labels and normalisation, for a run that diverged in its first steps) and the last good
     checkpoint."""
     good = checkpoints.steps()
     last = (
@@ -270,9 +313,15 @@ def diverged(what: str, learning_rate: float, checkpoints: checkpoint.Checkpoint
         if good
         else "No checkpoint was written before it."
     )
+    cause = f"The learning rate ({learning_rate}) is the likely cause"
+    if data_facts:
+        cause = (
+            f"It went wrong in the first steps: suspect the data as much as the learning rate "
+            f"({learning_rate}): {data_facts}. Otherwise"
+        )
     return Diverged(
-        f"Training diverged: {what}. The learning rate ({learning_rate}) is the likely cause: "
-        f"lower it (optimizer.learning_rate=...) or add warm-up. {last}"
+        f"Training diverged: {what}. {cause}: lower the learning rate "
+        f"(optimizer.learning_rate=...) or add warm-up. {last}"
     )
 
 
@@ -312,7 +361,9 @@ class Loop:
         try:
             self._epochs()
         except _NonFinite as e:
-            raise diverged(str(e), self.s.learning_rate, self.checkpoints) from None
+            early = e.first_step <= max(FIRST_STEPS, self.s.log_every)  # at the first fetch
+            facts = self.s.data_facts if early else ""
+            raise diverged(str(e), self.s.learning_rate, self.checkpoints, facts) from None
         finally:
             self.bar.close()
         test = self.progress.test or self._test()
@@ -416,7 +467,7 @@ class Loop:
     def _save(self) -> None:
         """Checkpoint the state, unless an update made it non-finite: the last one stays good."""
         if not engine.all_finite(self.state.params):
-            raise _NonFinite(f"the parameters after step {self.step} are not finite")
+            raise _NonFinite(f"the parameters after step {self.step} are not finite", self.step)
         self.checkpoints.save(self.state, self.rng, self.progress.meta(self.step))
 
     def _interrupted(self) -> Interrupted:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnnjax.errors import ConfigError
 from cnnjax.geometry import conv_output_size, resolve_padding
 
 LIBRARY = Path(__file__).with_name("_onednn.so")
@@ -57,7 +58,7 @@ def resolve(name: str, devices: int = 1) -> str:
     "onednn" where it cannot run is an error naming the fix: without the library, off the CPU,
     or over several devices (XLA cannot split a custom call's batch between devices)."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown convolution backend {name!r}; choose one of {BACKENDS}")
+        raise ConfigError(f"unknown convolution backend {name!r}; choose one of {BACKENDS}")
     problem = (
         "runs on CPUs only" if jax.default_backend() != "cpu"
         else f"is not available ({LIBRARY}); {BUILD_HINT}" if not available()
@@ -65,7 +66,7 @@ def resolve(name: str, devices: int = 1) -> str:
         else None
     )  # fmt: skip
     if name == "onednn" and problem:
-        raise RuntimeError(f"the oneDNN convolution {problem}")
+        raise ConfigError(f"the oneDNN convolution {problem}")
     if name == "auto":
         return "xla" if problem else "onednn"
     return name

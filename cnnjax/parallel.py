@@ -15,6 +15,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cnnjax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -45,7 +47,7 @@ def layout(devices: str | int = "all", job_num: int = 0) -> Layout:
         chosen = jax.devices()
     else:
         if not (isinstance(devices, int) and 0 <= devices < len(local)):
-            raise ValueError(
+            raise ConfigError(
                 f"distributed.devices={devices!r}: use all, per_job or a device number below "
                 f"{len(local)} (this process has {len(local)}: {local})"
             )
@@ -70,7 +72,7 @@ def check_batch_size(batch_size: int, lay: Layout, key: str) -> None:
     n = lay.device_count
     if batch_size % n:
         lower, upper = batch_size // n * n, (batch_size // n + 1) * n
-        raise ValueError(
+        raise ConfigError(
             f"{key}={batch_size} does not split over {n} devices: use a multiple of {n} "
             f"(e.g. {lower or upper} or {upper})"
         )

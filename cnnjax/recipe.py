@@ -9,15 +9,27 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cnnjax import analysis, batches, data, engine, models
+from cnnjax.errors import ConfigError
 from cnnjax.loop import Settings
 
 COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
+# What defines a run (a rerun in its directory must agree on all of it): the model, the data
+# (its content, not its location or name), the optimizer, the schedule and the trainer settings
+# that change the weights. Not: epochs and max_steps (a run may be extended), evaluation, logging,
+# checkpointing, the convolution backend or the devices.
+DEFINING = (
+    "model", "dataset", "optimizer", "schedule", "trainer.batch_size", "trainer.seed",
+    "trainer.precision", "trainer.label_smoothing", "trainer.grad_clip_norm",
+)  # fmt: skip
+LOCATION = ("dataset.name", "dataset.data_dir", "dataset.source_dir", "dataset.apt_package",
+            "dataset.class_names")  # fmt: skip
 
 
 class Recipe(NamedTuple):
@@ -35,22 +47,39 @@ class Recipe(NamedTuple):
     train_step: Callable  # engine.train_step with the recipe's options: jit it where it is called
     eval_step: Callable  # engine.eval_step likewise
     settings: Settings  # of the loop
+    definition: dict  # what defines the run (see DEFINING), as flat dotted keys
 
 
-def load_dataset(cfg: DictConfig) -> tuple[data.Split, data.Split]:
-    """The train and test splits named by the dataset config."""
+def definition(cfg: DictConfig, source: str) -> dict:
+    """What defines the run of `cfg` on data from `source` (its content), as flat dotted keys
+    with JSON values: equal for a rerun that continues the same run."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif prefix not in LOCATION:
+            flat[prefix] = value
+
+    for key in DEFINING:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        walk(key, value)
+    return flat | {"dataset.source": source}
+
+
+def load_dataset(cfg: DictConfig) -> data.Dataset:
+    """The train and test splits named by the dataset config, checked against it (image size,
+    channels, labels below num_classes)."""
     ds = cfg.dataset
     source_dir = os.path.expanduser(ds.source_dir) if ds.source_dir else None
-    kw = dict(
-        data_dir=ds.data_dir,
-        source_dir=source_dir,
-        image_size=ds.image_size,
-        num_classes=ds.num_classes,
-        apt_package=ds.apt_package,
-    )
-    return data.load_split(ds.name, ds.train_split, **kw), data.load_split(
-        ds.name, ds.test_split, **kw
-    )
+    splits = (ds.train_split, ds.test_split)
+    dataset = data.load(ds.name, ds.data_dir, source_dir, splits, ds.apt_package)
+    for split, what in zip(dataset[:2], splits, strict=True):
+        data.check_fits(split, f"{ds.name} {what}", ds.image_size, ds.channels, ds.num_classes)
+    return dataset
 
 
 def class_names(dataset: DictConfig) -> list[str]:
@@ -61,14 +90,28 @@ def class_names(dataset: DictConfig) -> list[str]:
     return [str(k) for k in range(dataset.num_classes)]
 
 
+def data_facts(split: data.Split, ds: DictConfig) -> str:
+    """The labels and the normalisation, in words, each named a suspect when it looks wrong:
+    what a run that diverges in its first steps reports besides the learning rate."""
+    classes = np.unique(split.labels_N)
+    labels = f"the labels take {len(classes)} values, {classes.min()}-{classes.max()}, for "
+    labels += f"dataset.num_classes={ds.num_classes}"
+    if len(classes) < 2:
+        labels += " (SUSPECT: one class only)"
+    mean, std = np.asarray(ds.mean, np.float64), np.asarray(ds.std, np.float64)
+    low, high = float(np.min(-mean / std)), float(np.max((1 - mean) / std))
+    norm = f"dataset.mean/std map pixels to [{low:.3g}, {high:.3g}]"
+    if max(-low, high) > 10:  # standardised data lies within a few units of 0
+        norm += " (SUSPECT: set them to the training images' mean and std, per channel)"
+    return f"{labels}; {norm}"
+
+
 def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
     """Check `cfg`, load the data, analyse and initialise the model; the steps compute their
     convolutions with `conv_backend` ("xla" or "onednn", see `onednn.resolve`)."""
     t, ds = cfg.trainer, cfg.dataset
-    if t.precision not in COMPUTE_DTYPES:
-        raise ValueError(f"trainer.precision={t.precision!r}: use one of {sorted(COMPUTE_DTYPES)}")
     model = instantiate(cfg.model)
-    train_split, test_split = load_dataset(cfg)
+    train_split, test_split, source = load_dataset(cfg)
     shape = models.input_shape(model)
     source_hwc = train_split.images_NxHxWxC.shape[1:]
     preprocess, adaptation = batches.make_preprocess(source_hwc, shape[1:], ds.mean, ds.std)
@@ -76,8 +119,9 @@ def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
     n_train = len(train_split.labels_N)
     steps_per_epoch = n_train // t.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"trainer.batch_size={t.batch_size} exceeds the {n_train} training examples; lower it."
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} exceeds the {n_train} training examples: lower "
+            f"it to {n_train} or less."
         )
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     schedule = instantiate(cfg.schedule)(cfg.optimizer.learning_rate, total_steps)
@@ -112,8 +156,9 @@ def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
         schedule=schedule,
         target_accuracy=t.target_accuracy,
         progress_bar=t.progress,
+        data_facts=data_facts(train_split, ds),
     )
     return Recipe(
         model, train_split, test_split, preprocess, adaptation, table, schedule, state, rng,
-        train_step, eval_step, settings,
+        train_step, eval_step, settings, definition(cfg, source),
     )  # fmt: skip

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from cnnjax.errors import reported
 from cnnjax.plots import sweep_plots
 from cnnjax.sweep import (
     OPTUNA_RESULTS,
@@ -143,13 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dir", type=Path, help="a multirun dir, an outputs dir or one run dir")
     parser.add_argument("--out", type=Path, help="where to write (default: DIR)")
     args = parser.parse_args(argv)
-    if not args.dir.is_dir():
-        problem = "is not a directory" if args.dir.exists() else "does not exist"
-        parser.error(f"{args.dir} {problem}")
-    try:
+    with reported():
+        if not args.dir.is_dir():
+            problem = "is not a directory" if args.dir.exists() else "does not exist"
+            raise NoRuns(f"{args.dir} {problem}: pass a multirun, outputs or run directory")
         lines = write_report(args.dir, args.out or args.dir)
-    except NoRuns as e:
-        parser.error(str(e))
     print("\n".join(lines))
 
 

@@ -11,6 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from jax.experimental.compilation_cache import compilation_cache
 from omegaconf import DictConfig
 
+from cnnjax.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # every command's configs
 
 
@@ -59,7 +61,7 @@ def join_processes(
     anything touches a device). `initialize="auto"` joins when a coordinator address is given
     or a cluster launched several processes; returns whether the process is part of several."""
     if initialize not in ("auto", True, False):
-        raise ValueError(f"distributed.initialize={initialize!r}: use auto, true or false")
+        raise ConfigError(f"distributed.initialize={initialize!r}: use auto, true or false")
     wanted = initialize is True or (
         initialize == "auto" and (bool(coordinator_address) or launched_as_several_processes())
     )

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cnnjax import rundir
-from cnnjax.errors import CnnjaxError
+from cnnjax.errors import CnnjaxError, RunDirError
 
 SEED_KEY = "trainer.seed"
 RUN_MARKERS = (rundir.SUMMARY, rundir.CONFIG, ".hydra/overrides.yaml")
@@ -159,8 +159,11 @@ def read_curve(run_dir: Path) -> tuple[tuple[float, float], ...]:
 
 def load_run(path: Path, root: Path) -> Run:
     """What the files of run directory `path` say (a missing summary: status "failed")."""
-    hydra = path / ".hydra"
-    config = rundir.read_config(path)
+    hydra, problems = path / ".hydra", []
+    try:
+        config = rundir.read_config(path)
+    except RunDirError as e:
+        config, problems = None, [str(e)]
     config = OmegaConf.to_container(config) if config else read_yaml(hydra / "config.yaml")
     try:
         summary = rundir.read_summary(path)
@@ -168,6 +171,10 @@ def load_run(path: Path, root: Path) -> Run:
     except ValueError as e:
         summary, error = None, f"summary.json cannot be read: {e}"
     summary = summary or {}
+    error = "; ".join(filter(None, [error, *problems])) or None
+    overrides = summary.get("overrides")  # the run's own (.hydra/ holds the last attempt's)
+    if overrides is None:
+        overrides = read_yaml(hydra / "overrides.yaml") or []
     status = summary.get("status", "failed")
     rf = summary.get("receptive_field")
     return Run(
@@ -177,7 +184,7 @@ def load_run(path: Path, root: Path) -> Run:
         seed=dig(config, "trainer", "seed"),
         **{k: summary.get(k) for k in RESULTS},
         receptive_field="x".join(map(str, rf)) if rf else None,
-        overrides=parse_overrides(read_yaml(hydra / "overrides.yaml") or []),
+        overrides=parse_overrides(overrides),
         error=summary.get("error", NO_END if status == "running" else error),
         curve=read_curve(path),
     )

@@ -16,6 +16,7 @@ The steps run data parallel over every device of every process (`cnnjax.parallel
 `distributed`); only process 0 writes the run directory.
 """
 
+import contextlib
 import logging
 import math
 import time
@@ -28,16 +29,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cnnjax import checkpoint, loop, onednn, parallel, recipe, runtime
-from cnnjax.plots import run_pictures
-from cnnjax.rundir import RunWriter
+from cnnjax import checkpoint, loop, onednn, parallel, recipe, rundir, runtime, validation
+from cnnjax.errors import CnnjaxError, reported
 
 log = logging.getLogger("cnnjax.train")
 
 
-def run(cfg: DictConfig, run_dir: Path, model_name: str, job_num: int = 0) -> dict:
+def run(
+    cfg: DictConfig, run_dir: Path, model_name: str, job_num: int = 0, overrides: list[str] = ()
+) -> dict:
     """Train and evaluate as `cfg` says, writing into `run_dir`; returns the summary.
-    `model_name` is the model's config name, `job_num` the job's number in a sweep."""
+    `model_name` is the model's config name, `job_num` the job's number in a sweep, `overrides`
+    the command line's (recorded in the summary). An attempt refused before it trains (bad
+    settings, another process or another run in the directory, data that does not fit) raises
+    a CnnjaxError and leaves what the directory held as it was."""
+    validation.check(cfg)
     start = time.perf_counter()
     cache_dir = runtime.use_compilation_cache(cfg.trainer.compilation_cache_dir)
     d = cfg.distributed
@@ -49,9 +55,6 @@ def run(cfg: DictConfig, run_dir: Path, model_name: str, job_num: int = 0) -> di
     primary = jax.process_index() == 0  # only process 0 writes files and logs progress
     if not primary:
         logging.getLogger("cnnjax").setLevel(logging.WARNING)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    writer = RunWriter(run_dir, primary)
-    writer.config(cfg)
     summary = {
         "status": "running",
         "model": model_name,
@@ -60,38 +63,46 @@ def run(cfg: DictConfig, run_dir: Path, model_name: str, job_num: int = 0) -> di
         **runtime.platform(),
         "processes": jax.process_count(),
         "compilation_cache_dir": cache_dir,
+        "overrides": list(overrides),
     }
-    writer.summary(**summary)
-    try:
-        with loop.StopSignals() as stop:
-            summary |= train_and_evaluate(cfg, writer, stop, job_num)
-        summary["status"] = "completed"
-    except loop.Interrupted as e:
-        summary |= {"status": "interrupted", "error": str(e)}
-        log.warning("%s; run the same command again to resume", e)
-    except loop.Diverged as e:
-        summary |= {"status": "diverged", "error": str(e)}
-        log.error(str(e))
-        raise
-    except BaseException as e:
-        summary |= {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        raise
-    finally:
-        summary["total_wall_s"] = round(time.perf_counter() - start, 2)
-        writer.summary(**summary)
-        writer.close()
+    with rundir.Lock(run_dir) if primary else contextlib.nullcontext():
+        fresh = not rundir.holds_run(run_dir)  # nothing of an earlier attempt to keep
+        writer = rundir.RunWriter(run_dir, primary)
+        try:
+            with loop.StopSignals() as stop:
+                summary |= train_and_evaluate(cfg, writer, stop, job_num, summary)
+            summary["status"] = "completed"
+        except loop.Interrupted as e:
+            summary |= {"status": "interrupted", "error": str(e)}
+            log.warning("%s; run the same command again to resume", e)
+        except BaseException as e:
+            failed = "diverged" if isinstance(e, loop.Diverged) else "failed"
+            summary |= {"status": failed, "error": f"{type(e).__name__}: {e}"}
+            raise
+        finally:
+            summary["total_wall_s"] = round(time.perf_counter() - start, 2)
+            if fresh and not writer.begun:  # a first attempt that never trained: its record
+                writer.config(cfg)
+            if fresh or writer.begun:  # a refused attempt leaves an earlier run as it was
+                writer.summary(**summary)
+            writer.close()
     if summary["status"] == "completed":
         log_result(summary, cfg.trainer.target_accuracy)
         if cfg.trainer.visualize and primary:
+            from cnnjax.plots import run_pictures  # matplotlib: only when pictures are asked for
+
             settings = runtime.compose("visualize")  # `python -m cnnjax.visualize`'s defaults
             settings.run_dir = str(run_dir)
             log.info("\n".join(run_pictures.draw(**settings).lines))
     return summary
 
 
-def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: loop.StopSignals, job_num: int):
-    """Set up from `cfg`, resume from the run directory's checkpoints when there are any, and
-    loop; returns the summary fields it measured."""
+def train_and_evaluate(
+    cfg: DictConfig, writer: rundir.RunWriter, stop: loop.StopSignals, job_num: int, header: dict
+) -> dict:
+    """Set up from `cfg`, resume from the run directory's checkpoints when they are this run's,
+    and once every check has passed start the run (`writer.begin`, with `header` as its first
+    summary) and loop; returns the summary fields it measured."""
     t = cfg.trainer
     if not t.progress:
         tfds.disable_progress_bar()
@@ -115,10 +126,14 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: loop.StopSignal
             r.eval_step, in_shardings=(lay.replicated, lay.batch), out_shardings=lay.replicated
         ),
     )
-    checkpoints = checkpoint.Checkpoints(writer.run_dir / "checkpoints", t.keep_checkpoints)
+    checkpoints = checkpoint.Checkpoints(
+        writer.run_dir / "checkpoints", t.keep_checkpoints, run=r.definition
+    )
     try:
         state, rng = parallel.replicate((r.state, r.rng), lay)
-        start = loop.resume(checkpoints, state, rng, t.resume, writer)
+        recorded = previous_run(writer.run_dir)
+        start = loop.resume(checkpoints, state, rng, r.settings, t.resume, recorded)
+        writer.begin(cfg, header | {"run": r.definition}, step=int(start.state.step))
         final, totals = r.table.rows[-1], r.table.totals
         log.info(
             "%s: %s params, %.1f M MACs per image, final receptive field %s; %d train / %d test "
@@ -134,6 +149,7 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: loop.StopSignal
     finally:
         checkpoints.close()
     return {
+        "run": r.definition,
         "conv_backend": conv_backend,
         "params": totals.trainable_params,
         "macs": totals.macs,
@@ -141,6 +157,15 @@ def train_and_evaluate(cfg: DictConfig, writer: RunWriter, stop: loop.StopSignal
         "input_adaptation": r.adaptation,
         **results,
     }
+
+
+def previous_run(run_dir: Path) -> dict | None:
+    """The definition of the run an earlier attempt recorded in the directory's summary (None:
+    none recorded, or no readable summary)."""
+    try:
+        return (rundir.read_summary(run_dir) or {}).get("run")
+    except ValueError:
+        return None
 
 
 def log_result(summary: dict, target_accuracy: float | None) -> None:
@@ -160,19 +185,23 @@ def log_result(summary: dict, target_accuracy: float | None) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Entry point; returns the test accuracy (the objective of sweeps). In a sweep, a job that
-    fails or diverges returns NaN (its summary.json says why) and the sweep goes on."""
+    """Entry point; returns the test accuracy (the objective of sweeps). An error the user can
+    fix ends the command with its message and status 2. In a sweep, a job that fails or
+    diverges returns NaN (its summary.json says why) and the sweep goes on."""
     hydra_cfg = HydraConfig.get()
     model_name, job_num = hydra_cfg.runtime.choices["model"], hydra_cfg.job.get("num") or 0
+    output_dir, overrides = Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    attempt = lambda: run(cfg, output_dir, model_name, job_num, overrides)  # noqa: E731
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        with reported():
+            return attempt().get("test_accuracy", math.nan)
     try:
-        return run(cfg, Path(hydra_cfg.runtime.output_dir), model_name, job_num).get(
-            "test_accuracy", math.nan
-        )
+        return attempt().get("test_accuracy", math.nan)
+    except CnnjaxError as e:
+        log.error("job %s failed; the sweep goes on. %s", job_num, e)
     except Exception:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise
         log.exception("job %s failed; the sweep goes on", job_num)
-        return math.nan
+    return math.nan
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ class TrainedRun(NamedTuple):
     recipe: recipe.Recipe  # what training set up from it
     variables: dict  # restored: params and the other collections (BatchNorm statistics)
     step: int  # of the checkpoint
+    unreadable: dict[int, str]  # newer checkpoints that could not be read, and why
 
 
 def load(run_dir: Path) -> TrainedRun:
@@ -51,9 +52,8 @@ def load(run_dir: Path) -> TrainedRun:
     finally:
         checkpoints.close()
     if restored is None:
-        raise RunDirError(
-            f"none of the checkpoints in {directory} (steps {steps}) can be read (the warnings "
-            f"above say why); {fix}"
-        )
+        why = "; ".join(f"step {k}: {v}" for k, v in sorted(checkpoints.unreadable.items()))
+        raise RunDirError(f"none of the checkpoints in {directory} can be read ({why}); {fix}")
     state, _, meta = restored
-    return TrainedRun(cfg, r, {"params": state.params, **state.model_state}, meta["step"])
+    variables = {"params": state.params, **state.model_state}
+    return TrainedRun(cfg, r, variables, meta["step"], dict(checkpoints.unreadable))

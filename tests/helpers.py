@@ -2,19 +2,23 @@
 models to run, generated IDX data, the training CLI, and what a run wrote."""
 
 import gzip
+import importlib
 import json
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from cnnjax import runtime
 from cnnjax.runtime import CONF_DIR
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -26,6 +30,23 @@ def compose_config(name: str, *overrides: str, hydra: bool = False) -> DictConfi
     """conf/<name>.yaml with `overrides`; `hydra` keeps Hydra's own node."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def command(name: str, *args: str) -> int:
+    """`python -m cnnjax.<name> args`, run in this process as the CLI runs it: its exit status.
+    What it prints goes where pytest captures it (capsys), not to a stream of our own: absl's log
+    handler closes the stream it holds when that is no longer sys.stderr, pytest's included."""
+    module = importlib.import_module(f"cnnjax.{name}" + (".__main__" if name == "bench" else ""))
+    argv = list(args) if name == "report" else ["--config-path", str(CONF_DIR), *args]
+    GlobalHydra.instance().clear()
+    with mock.patch.object(sys, "argv", [name, *argv]):
+        try:
+            module.main(argv) if name == "report" else module.main()
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 1
+        finally:  # a command may have pointed JAX's cache elsewhere: back to the session's
+            runtime.use_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR"))
+    return 0
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
@@ -55,13 +76,9 @@ def make_idx_dataset(root: Path, n_train: int, n_test: int, gz: bool = True, see
     return arrays
 
 
-def cli(tmp_path: Path, idx_dir: Path, *overrides: str, multirun=False, check=True):
-    """`python -m cnnjax.train` on the generated dataset `idx_dir` (prepared under tmp_path)."""
-    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"))
-    args = [
-        sys.executable,
-        "-m",
-        "cnnjax.train",
+def train_args(idx_dir: Path, *overrides: str, multirun: bool = False) -> list[str]:
+    """The arguments of `python -m cnnjax.train` on the generated dataset `idx_dir`."""
+    return [
         *(["-m"] if multirun else []),
         f"dataset.source_dir={idx_dir}",
         "dataset.name=toy",
@@ -69,10 +86,24 @@ def cli(tmp_path: Path, idx_dir: Path, *overrides: str, multirun=False, check=Tr
         "trainer.eval_batch_size=100",
         *overrides,
     ]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+def cli(idx_dir: Path, *overrides: str, multirun=False, check=True):
+    """`python -m cnnjax.train` on `idx_dir` in a process of its own, for the tests where the
+    process is the point (killed, a second one); the others run it in this process (conftest's
+    `run_train`)."""
+    args = train_args(idx_dir, *overrides, multirun=multirun)
+    args = [sys.executable, "-m", "cnnjax.train", *args]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def train_here(idx_dir: Path, *overrides: str, multirun: bool = False) -> int:
+    """`python -m cnnjax.train` on `idx_dir` in this process: its exit status (what it prints
+    goes to pytest's capture)."""
+    return command("train", *train_args(idx_dir, *overrides, multirun=multirun))
 
 
 def read_jsonl(path: Path) -> list[dict]:

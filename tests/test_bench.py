@@ -2,8 +2,6 @@
 the PyTorch reference training as cnnjax.train does."""
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 from helpers import MODELS, RUNNABLE, compose_config
 from hydra.utils import instantiate
 
-from cnnjax import analysis, batches, bench, models, recipe, runtime
+from cnnjax import analysis, batches, bench, models, recipe
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make test has it)")
 from cnnjax.bench import reference, twin  # noqa: E402
@@ -26,21 +24,6 @@ TTA_KEYS = {
     "cnnjax_epochs", "cnnjax_reached_target", "torch_seconds", "torch_accuracy", "torch_epochs",
     "torch_reached_target", "torch_version", "ratio",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def module_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench")
-
-
-@pytest.fixture(autouse=True)
-def caches(module_dir, monkeypatch) -> Iterator[None]:
-    """Compilations and prepared datasets go to this module's directory, not the user's; the
-    persistent compilation cache is off afterwards."""
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(module_dir / "jax_cache"))
-    monkeypatch.setenv("TFDS_DATA_DIR", str(module_dir / "tfds"))
-    yield
-    runtime.use_compilation_cache(None)
 
 
 def toy(idx_dir) -> list[str]:

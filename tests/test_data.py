@@ -1,6 +1,7 @@
 """The IDX builder through TFDS, the missing-data error, the real Fashion-MNIST files."""
 
 import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +16,21 @@ from cnnjax import data
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip_through_tfds(tmp_path, gz):
     arrays = make_idx_dataset(tmp_path / "src", 300, 70, gz=gz, seed=3)
-    for split, stem in (("train", "train"), ("test", "t10k")):
-        got = data.load_split(
-            "toy", split, data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path / "src")
-        )
+    loaded = data.load("toy", str(tmp_path / "tfds"), str(tmp_path / "src"))
+    digest = data.idx_digest(tmp_path / "src")
+    assert loaded.source == f"idx sha256:{digest}"
+    for got, stem in ((loaded.train, "train"), (loaded.test, "t10k")):
         images, labels = arrays[stem]
         assert got.images_NxHxWxC.shape == (len(labels), 28, 28, 1)
         assert got.images_NxHxWxC.dtype == np.uint8
         np.testing.assert_array_equal(got.images_NxHxWxC[..., 0], images)  # same order too
         np.testing.assert_array_equal(got.labels_N, labels)
-    prepared = tmp_path / "tfds" / "idx_images" / "toy" / "1.0.0"
+    prepared = tmp_path / "tfds" / "idx_images" / f"toy_{digest[:16]}" / "1.0.0"
     assert sorted(p.name.split(".")[0] for p in prepared.glob("*.array_record*")) == [
         "idx_images-test",
         "idx_images-train",
     ]
+    assert digest in json.loads((prepared / "dataset_info.json").read_text())["description"]
 
 
 def test_processes_preparing_one_dataset_at_once_all_get_it(tmp_path):
@@ -37,7 +39,7 @@ def test_processes_preparing_one_dataset_at_once_all_get_it(tmp_path):
     arrays = make_idx_dataset(tmp_path / "src", 3000, 10, seed=4)
     load = (
         "import sys; from cnnjax import data; "
-        "s = data.load_split('toy', 'train', data_dir=sys.argv[1], source_dir=sys.argv[2]); "
+        "s = data.load('toy', sys.argv[1], sys.argv[2]).train; "
         "print(int(s.images_NxHxWxC.sum()), int(s.labels_N.sum()))"
     )
     args = [sys.executable, "-c", load, str(tmp_path / "tfds"), str(tmp_path / "src")]
@@ -66,11 +68,10 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
 
 def test_missing_files_name_the_package_and_the_alternative(tmp_path):
     with pytest.raises(data.DataError) as e:
-        data.load_split(
+        data.load(
             "fashion_mnist",
-            "train",
-            data_dir=str(tmp_path / "tfds"),
-            source_dir=str(tmp_path / "empty"),
+            str(tmp_path / "tfds"),
+            str(tmp_path / "empty"),
             apt_package="dataset-fashion-mnist",
         )
     msg = str(e.value)
@@ -82,7 +83,7 @@ def test_missing_files_name_the_package_and_the_alternative(tmp_path):
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(data.DataError, match="tfds build cifar10 --file_format=array_record"):
-        data.load_split("cifar10", "train", data_dir=str(tmp_path))
+        data.load("cifar10", str(tmp_path))
 
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -91,9 +92,7 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 def test_real_fashion_mnist_equals_the_idx_files(tmp_path):
     """The Debian files (`make test` installs dataset-fashion-mnist) through the TFDS builder:
     same sizes, labels, pixels and statistics."""
-    kw = dict(data_dir=str(tmp_path), source_dir=FASHION)
-    train = data.load_split("fashion_mnist", "train", **kw)
-    test = data.load_split("fashion_mnist", "test", **kw)
+    train, test, _ = data.load("fashion_mnist", str(tmp_path), FASHION)
     assert (len(train.labels_N), len(test.labels_N)) == (60_000, 10_000)
     assert train.labels_N[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     raw = gzip.decompress((Path(FASHION) / "t10k-images-idx3-ubyte.gz").read_bytes())

@@ -17,6 +17,7 @@ import pytest
 from helpers import cli, compose_config, final_arrays, read_jsonl
 
 from cnnjax import onednn, parallel, runtime
+from cnnjax.errors import ConfigError
 
 TIMEOUT_S = 300
 ARGS = (
@@ -49,7 +50,7 @@ def train(
         sys.executable, "-m", "cnnjax.train", f"dataset.source_dir={idx_dir}", *ARGS,
         *overrides, f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    base = dict(os.environ, TFDS_DATA_DIR=str(tmp_path.parent / "tfds"), **(env or {}))
+    base = dict(os.environ, **(env or {}))
     if processes > 1:
         base |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}"}
         base |= {"JAX_NUM_PROCESSES": str(processes)}
@@ -127,7 +128,7 @@ def test_two_devices_of_one_process_train_as_one(tmp_path, idx_dir, one_device):
     run_dir = tmp_path / "run"
     flags = "--xla_force_host_platform_device_count=2"  # a deadlock aborts after 60 s:
     flags += " --xla_cpu_collective_call_terminate_timeout_seconds=60"
-    env = {"XLA_FLAGS": flags}
+    env = {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} {flags}"}
     train(tmp_path, idx_dir, run_dir, "trainer.max_steps=6", env=env)
     assert_same_training(one_device, run_dir)
     log = (run_dir / "train.log").read_text()
@@ -164,7 +165,7 @@ def test_queued_collectives_on_two_cpu_devices_need_the_in_flight_limit():
     flags = "--xla_force_host_platform_device_count=2"
     flags += " --xla_cpu_collective_call_warn_stuck_timeout_seconds=5"
     flags += " --xla_cpu_collective_call_terminate_timeout_seconds=10"
-    env = dict(os.environ, XLA_FLAGS=flags)
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} {flags}")
     run = lambda mode: subprocess.run(  # noqa: E731
         [sys.executable, "-c", QUEUED_COLLECTIVES, mode], env=env, capture_output=True,
         text=True, timeout=TIMEOUT_S,
@@ -205,7 +206,8 @@ print("restored", int(restored.step), meta)
 
 @pytest.mark.slow
 def test_a_checkpoint_of_state_on_two_devices_restores_identically(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags)
     proc = subprocess.run(
         [sys.executable, "-c", SAVE_AND_RESTORE, str(tmp_path / "checkpoints")],
         env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -268,7 +270,7 @@ def test_onednn_convolutions_stay_on_one_device(monkeypatch):
     monkeypatch.setattr(onednn, "available", lambda: True)  # built or not, the device rule
     assert onednn.resolve("auto", devices=1) == "onednn"
     assert onednn.resolve("auto", devices=2) == "xla"
-    with pytest.raises(RuntimeError, match="runs on one device, not 2"):
+    with pytest.raises(ConfigError, match="runs on one device, not 2"):
         onednn.resolve("onednn", devices=2)
 
 
@@ -288,7 +290,7 @@ def test_a_parallel_sweep_gives_each_job_a_device(tmp_path, idx_dir):
     sweep = tmp_path / "sweep"
     overrides = ["hydra/launcher=parallel", "distributed.devices=per_job", "trainer.seed=0,1"]
     overrides += ["trainer.max_steps=4", f"hydra.sweep.dir={sweep}"]
-    cli(tmp_path, idx_dir, *overrides, multirun=True)
+    cli(idx_dir, *overrides, multirun=True)
     for job in ("0", "1"):
         summary = json.loads((sweep / job / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == 4

@@ -117,7 +117,10 @@ def test_vgg_head_rejects_a_map_it_cannot_pool(compose_cfg):
 
 
 def test_resnet_train_step_updates_batch_stats(compose_cfg):
-    cfg = compose_cfg("model=resnet18", "model.input_size=32", *COMMENTED["resnet18"])
+    cfg = compose_cfg(
+        "model=resnet18", "model.input_size=32", "model.stage_sizes=[1,1,1,1]",
+        *COMMENTED["resnet18"],
+    )  # fmt: skip
     model = instantiate(cfg.model)
     shape = (4, 32, 32, 3)
     state = engine.create_train_state(model, optax.sgd(0.1), shape, jax.random.key(0))

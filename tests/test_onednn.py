@@ -10,6 +10,7 @@ import pytest
 from hydra.utils import instantiate
 
 from cnnjax import engine, models, onednn
+from cnnjax.errors import ConfigError
 from cnnjax.models.mnist_allconv import MnistAllConv
 
 # (input NHWC, kernel HWIO, strides, padding, dilation): odd batches split unevenly over threads
@@ -89,7 +90,7 @@ def test_the_backend_is_part_of_what_jit_compiles():
 def test_backend_names():
     assert onednn.resolve("auto") == "onednn"  # on this CPU, with the library built
     assert onednn.resolve("xla") == "xla"
-    with pytest.raises(ValueError, match="unknown convolution backend 'mkl'"):
+    with pytest.raises(ConfigError, match="unknown convolution backend 'mkl'"):
         onednn.resolve("mkl")
 
 
@@ -97,7 +98,7 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(onednn, "LIBRARY", tmp_path / "_onednn.so")
     monkeypatch.setattr(onednn, "available", functools.cache(onednn.available.__wrapped__))
     assert onednn.resolve("auto") == "xla"
-    with pytest.raises(RuntimeError, match="is not available .*make onednn"):
+    with pytest.raises(ConfigError, match="is not available .*make onednn"):
         onednn.resolve("onednn")
 
 
@@ -106,7 +107,8 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
     [
         ["model=mnist_allconv"],
         ["model=blocknet", "model.batch_norm=true"],  # convolutions without bias, BatchNorm
-        ["model=resnet18", "model.input_size=32"],  # strides, 1x1 shortcuts, residual adds
+        # strides, 1x1 shortcuts, residual adds (a block per stage: the same kinds of layer)
+        ["model=resnet18", "model.input_size=32", "model.stage_sizes=[1,1,1,1]"],
     ],
     ids=lambda o: " ".join(o),
 )

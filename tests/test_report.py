@@ -9,7 +9,6 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import yaml
-from helpers import cli
 
 from cnnjax import report, sweep
 from cnnjax.plots import figures
@@ -172,16 +171,13 @@ def test_cli_exits_2_naming_the_problem(tmp_path, capsys):
     assert proc.returncode == 2 and f"no runs under {tmp_path}" in proc.stderr
 
 
-def test_report_on_a_real_multirun(tmp_path, idx_dir):
-
+def test_report_on_a_real_multirun(tmp_path, idx_dir, run_train, run_command):
     sweep_dir = tmp_path / "sweep_dir"
-    cli(
-        tmp_path, idx_dir, f"{LR}=1e-3,3e-3", "trainer.max_steps=3",
-        "trainer.compilation_cache_dir=null", f"hydra.sweep.dir={sweep_dir}", multirun=True,
+    run_train(
+        idx_dir, f"{LR}=1e-3,3e-3", "trainer.max_steps=3", "trainer.compilation_cache_dir=null",
+        f"hydra.sweep.dir={sweep_dir}", multirun=True,
     )  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnnjax.report", str(sweep_dir)], capture_output=True, text=True
-    )
+    proc = run_command("report", str(sweep_dir))
     assert proc.returncode == 0, proc.stderr
     with (sweep_dir / "report.csv").open() as f:
         table = list(csv.DictReader(f))

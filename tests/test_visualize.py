@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -14,10 +13,10 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
-from helpers import RUNNABLE, cli, compose_config
+from helpers import RUNNABLE, compose_config, train_here
 from hydra.utils import instantiate
 
-from cnnjax import analysis, models, probe, recipe, runtime, trained
+from cnnjax import analysis, models, probe, recipe, trained
 from cnnjax.errors import ConfigError, RunDirError
 from cnnjax.plots import figures, run_pictures
 
@@ -44,17 +43,12 @@ STAGES = {  # what some feature maps are: post-activation where the model has on
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, idx_dir) -> Iterator[Path]:
-    """A 3-step mnist_allconv run on the generated IDX data (checkpoint at step 3); its
-    compilations cached in this module's directory, where visualize finds them."""
-    root = tmp_path_factory.mktemp("visualize")
-    run = root / "run"
-    cli(
-        root, idx_dir, "trainer.max_steps=3", "trainer.log_every=1", f"hydra.run.dir={run}",
-        f"trainer.compilation_cache_dir={root / 'jax_cache'}",
-    )  # fmt: skip
-    yield run
-    runtime.use_compilation_cache(None)
+def run_dir(tmp_path_factory, idx_dir) -> Path:
+    """A 3-step mnist_allconv run on the generated IDX data (checkpoint at step 3)."""
+    run = tmp_path_factory.mktemp("visualize") / "run"
+    args = ("trainer.max_steps=3", "trainer.log_every=1", f"hydra.run.dir={run}")
+    assert train_here(idx_dir, *args) == 0
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cnnjax import recipe, rundir, runtime
+from cnnjax import recipe, rundir, runtime, validation
 from cnnjax.errors import ConfigError
 
 
@@ -34,6 +34,7 @@ def measure(cfg: DictConfig, model_name: str | None = None) -> dict:
         *b.train_overrides,
     ]
     train_cfg = runtime.compose("train", overrides)
+    validation.check(train_cfg)
     target = train_cfg.trainer.target_accuracy
     if target is None:
         raise ConfigError("bench.mode=time_to_accuracy needs a target: set bench.target")

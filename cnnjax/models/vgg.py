@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.geometry import GeometryError
 from cnnjax.layers import AvgPool, Flatten, MaxPool, ReLU, conv
 
 VGG11 = ((64,), (128,), (256, 256), (512, 512), (512, 512))
@@ -44,7 +45,7 @@ class VGG(nn.Module):
                 x = conv(width, 3, padding=1, kernel_init=_conv_init, name=f"stage{s}_conv{i}")(x)
                 x = ReLU()(x)
             if min(x.shape[1:3]) < 2:
-                raise ValueError(
+                raise GeometryError(
                     f"VGG: the {x.shape[1]}x{x.shape[2]} map before stage {s}'s 2x2 max-pool is "
                     f"too small; input {x_BxHxWxC.shape[1]}x{x_BxHxWxC.shape[2]} is too small for "
                     f"{len(self.stages)} stages (use an input of at least {2 ** len(self.stages)})"
@@ -64,7 +65,7 @@ class VGG(nn.Module):
         if h == w == p:
             return x
         if h != w or h % p:
-            raise ValueError(
+            raise GeometryError(
                 f"VGG: the last feature map is {h}x{w} (input {input_hw[0]}x{input_hw[1]}), "
                 f"not a square multiple of head_pool={p}: set head_pool to a divisor of {h} "
                 f"(head_pool={h} flattens it as is) or use a square input that is a multiple of "

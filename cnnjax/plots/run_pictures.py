@@ -284,9 +284,13 @@ def draw(
         r.state.apply_fn, variables, r.preprocess, subset, batch_size, backend
     )
     lines = [
+        f"warning: checkpoint {step} cannot be read ({why}); the pictures are of step {run.step}"
+        for step, why in sorted(run.unreadable.items())
+    ]
+    lines.append(
         f"{type(r.model).__name__} from {run_dir} at step {run.step} "
         f"(input adaptation: {r.adaptation})"
-    ]
+    )
     files: list[Path] = []
 
     def wrote(path: Path) -> None:
