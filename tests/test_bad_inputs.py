@@ -52,6 +52,13 @@ class Cli:
         """`python -m cnnjax.train` on the toy data in `run_dir`."""
         return self("train", *_train_args(run_dir, idx_dir, *overrides))
 
+    def refused(self, run_dir: Path, idx_dir: Path, overrides: list[str], *message: str) -> None:
+        """Training in `run_dir` with `overrides` is refused (see `refused`) and leaves every
+        file of the run there as it was."""
+        before = files(run_dir)
+        refused(*self.train(run_dir, idx_dir, *overrides), *message)
+        assert files(run_dir) == before
+
 
 @pytest.fixture
 def cli(run_command) -> Cli:
@@ -134,10 +141,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_a_bad_value_is_refused_before_anything_is_written(done, idx_dir, override, message, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, *override.split())
-    refused(code, err, message, "nothing was written")
-    assert files(done) == before
+    cli.refused(done, idx_dir, override.split(), message, "nothing was written")
 
 
 def test_every_bad_value_is_named_at_once(done, idx_dir, cli):
@@ -146,20 +150,18 @@ def test_every_bad_value_is_named_at_once(done, idx_dir, cli):
 
 
 def test_a_batch_larger_than_the_data_names_the_size(done, idx_dir, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, "trainer.batch_size=5000")
-    refused(code, err, "trainer.batch_size=5000 exceeds the 1024 training examples")
-    assert files(done) == before
+    overrides = ["trainer.batch_size=5000"]
+    cli.refused(done, idx_dir, overrides, "trainer.batch_size=5000 exceeds the 1024 training")
 
 
 # ---------------------------------------------------------------- data
 
 
 def test_labels_above_num_classes_name_the_largest(done, idx_dir, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, "dataset.num_classes=5")
-    refused(code, err, "labels go up to 9", "dataset.num_classes=5", "dataset.num_classes=10")
-    assert files(done) == before
+    cli.refused(
+        done, idx_dir, ["dataset.num_classes=5"], "labels go up to 9", "dataset.num_classes=5",
+        "dataset.num_classes=10",
+    )  # fmt: skip
 
 
 def test_an_image_size_other_than_the_files_is_named(done, idx_dir, cli):
@@ -177,10 +179,8 @@ def test_a_cut_gzip_file_is_named_as_damaged(done, idx_dir, tmp_path, cli):
     shutil.copytree(idx_dir, source)
     path = source / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:5000])
-    before = files(done)
-    code, err = cli.train(done, idx_dir, f"dataset.source_dir={source}")
-    refused(code, err, f"{path} cannot be read", "damaged")
-    assert files(done) == before
+    overrides = [f"dataset.source_dir={source}"]
+    cli.refused(done, idx_dir, overrides, f"{path} cannot be read", "damaged")
 
 
 def test_a_file_that_is_not_idx_is_named(done, tmp_path, idx_dir, cli):
@@ -203,10 +203,8 @@ def test_another_source_under_the_same_name_is_prepared_anew(
     np.testing.assert_array_equal(loaded.train.labels_N, arrays["train"][1])
     assert len(sorted((tfds_dir / "idx_images").glob("toy_*"))) == len(prepared) + 1
     assert loaded.source == f"idx sha256:{data.idx_digest(other)}"
-    before = files(done)
-    code, err = cli.train(done, idx_dir, f"dataset.source_dir={other}")
-    refused(code, err, "holds another run: dataset.source: 'idx sha256:")
-    assert files(done) == before
+    overrides = [f"dataset.source_dir={other}"]
+    cli.refused(done, idx_dir, overrides, "holds another run: dataset.source: 'idx sha256:")
 
 
 @contextlib.contextmanager
@@ -248,22 +246,19 @@ def test_an_unprepared_dataset_where_nothing_can_be_written_says_so(idx_dir, tmp
 
 
 def test_resume_false_in_a_finished_run_leaves_it_as_it_was(done, idx_dir, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, "trainer.resume=false")
-    refused(code, err, "already holds checkpoints (steps [4, 8])", "trainer.resume=true")
-    assert files(done) == before
+    cli.refused(
+        done, idx_dir, ["trainer.resume=false"], "already holds checkpoints (steps [4, 8])",
+        "trainer.resume=true",
+    )  # fmt: skip
 
 
 def test_another_model_in_a_run_directory_is_refused(done, idx_dir, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, "model=lenet")
-    refused(
-        code, err, "holds another run",
+    cli.refused(
+        done, idx_dir, ["model=lenet"], "holds another run",
         "model._target_: 'cnnjax.models.lenet.LeNet' here, "
         "'cnnjax.models.mnist_allconv.MnistAllConv' there",
         "give this run another hydra.run.dir",
     )  # fmt: skip
-    assert files(done) == before
 
 
 @pytest.mark.parametrize(
@@ -278,17 +273,12 @@ def test_another_model_in_a_run_directory_is_refused(done, idx_dir, cli):
     ],
 )
 def test_a_rerun_that_changes_the_run_lists_what_differs(done, idx_dir, override, difference, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, override)
-    refused(code, err, "holds another run", difference)
-    assert files(done) == before
+    cli.refused(done, idx_dir, [override], "holds another run", difference)
 
 
 def test_asking_for_fewer_steps_than_trained_is_refused(done, idx_dir, cli):
-    before = files(done)
-    code, err = cli.train(done, idx_dir, "trainer.max_steps=6")
-    refused(code, err, "has trained 8 steps, more than the 6 this run asks for")
-    assert files(done) == before
+    overrides = ["trainer.max_steps=6"]
+    cli.refused(done, idx_dir, overrides, "has trained 8 steps, more than the 6 this run asks")
 
 
 def test_a_finished_run_can_be_extended(done, idx_dir, cli):
