@@ -21,7 +21,7 @@ normalisation): receptive fields live in those pixels.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 
-from cnnjax import batches, onednn, probe, recipe, rundir, trained
+from cnnjax import analysis, batches, onednn, probe, recipe, rundir, trained
 from cnnjax.data import Split
 from cnnjax.errors import ConfigError
 from cnnjax.plots.figures import DPI, FIGSIZE, Mosaic, grid_columns, mosaic, new_figure
@@ -283,53 +283,75 @@ def draw(
     predicted = probe.predictions(
         r.state.apply_fn, variables, r.preprocess, subset, batch_size, backend
     )
-    lines = [
+    written = _Written([
         f"warning: checkpoint {step} cannot be read ({why}); the pictures are of step {run.step}"
         for step, why in sorted(run.unreadable.items())
-    ]
-    lines.append(
+    ])  # fmt: skip
+    written.lines.append(
         f"{type(r.model).__name__} from {run_dir} at step {run.step} "
         f"(input adaptation: {r.adaptation})"
     )
-    files: list[Path] = []
-
-    def wrote(path: Path) -> None:
-        files.append(path)
-        lines.append(f"wrote {path}")
-
-    conv_rows = {c.name: c for c in r.table.rows if c.type == "Conv"}
-    if maps:
-        first = next(iter(maps))
-        kernel = np.asarray(_param(variables["params"], first)["kernel"])
-        draw_kernels(out / "kernels.png", kernel, first)
-        wrote(out / "kernels.png")
+    _conv_pictures(out, variables, maps, stages, r.table, shown, written)
+    rf = probe.receptive_field(row, unit, gradient)
+    draw_receptive_field(out / "receptive_field.png", shown[0], gradient, rf)
+    written.add(out / "receptive_field.png")
+    written.lines += [rf.analysis_text().replace("\n", " "), rf.gradient_text().replace("\n", " ")]
+    if draw_curves(out / "curves.png", rundir.read_metrics(run_dir)):
+        written.add(out / "curves.png")
     else:
-        lines.append("skipped kernels.png and feature_maps/: the model has no conv layer")
+        written.lines.append(f"skipped curves.png: {run_dir / rundir.METRICS} has no metrics yet")
+    matrix = probe.confusion_matrix(subset.labels_N, predicted, run.cfg.dataset.num_classes)
+    _confusion_picture(out, run, matrix, len(test.labels_N), written)
+    return Result(written.lines, written.files, rf, matrix)
+
+
+@dataclass
+class _Written:
+    """What `draw` did, a line each, and the PNGs it wrote."""
+
+    lines: list[str]
+    files: list[Path] = field(default_factory=list)
+
+    def add(self, path: Path) -> None:
+        self.files.append(path)
+        self.lines.append(f"wrote {path}")
+
+
+def _conv_pictures(
+    out: Path,
+    variables: dict,
+    maps: dict[str, np.ndarray],
+    stages: dict[str, str],
+    table: analysis.Analysis,
+    shown: np.ndarray,
+    written: _Written,
+) -> None:
+    """kernels.png (the first conv's) and every conv's feature maps."""
+    if not maps:
+        written.lines.append("skipped kernels.png and feature_maps/: the model has no conv layer")
+        return
+    first = next(iter(maps))
+    kernel = np.asarray(_param(variables["params"], first)["kernel"])
+    draw_kernels(out / "kernels.png", kernel, first)
+    written.add(out / "kernels.png")
+    channels = {row.name: row.output_shape[-1] for row in table.rows if row.type == "Conv"}
     width = len(str(len(maps)))
     for k, (name, fmap) in enumerate(maps.items(), start=1):
         path = out / "feature_maps" / f"{k:0{width}d}_{name.replace('/', '.')}.png"
-        total = conv_rows[name].output_shape[-1]
-        draw_feature_maps(path, name, stages[name], shown, fmap, total)
-        wrote(path)
+        draw_feature_maps(path, name, stages[name], shown, fmap, channels[name])
+        written.add(path)
 
-    rf = probe.receptive_field(row, unit, gradient)
-    draw_receptive_field(out / "receptive_field.png", shown[0], gradient, rf)
-    wrote(out / "receptive_field.png")
-    lines += [rf.analysis_text().replace("\n", " "), rf.gradient_text().replace("\n", " ")]
 
-    if draw_curves(out / "curves.png", rundir.read_metrics(run_dir)):
-        wrote(out / "curves.png")
-    else:
-        lines.append(f"skipped curves.png: {run_dir / rundir.METRICS} has no metrics yet")
-
-    matrix = probe.confusion_matrix(subset.labels_N, predicted, run.cfg.dataset.num_classes)
-    accuracy = np.trace(matrix) / n_confusion
-    of = "all" if n_confusion == len(test.labels_N) else f"the first {n_confusion:,} of"
+def _confusion_picture(
+    out: Path, run: trained.TrainedRun, matrix: np.ndarray, n_test: int, written: _Written
+) -> None:
+    """confusion.png of the first matrix.sum() test images of the run."""
+    n = int(matrix.sum())
+    of = "all" if n == n_test else f"the first {n:,} of"
     title = (
-        f"{run.cfg.dataset.name} test split ({of} {len(test.labels_N):,} images), step "
-        f"{run.step}: accuracy {accuracy:.4f}"
+        f"{run.cfg.dataset.name} test split ({of} {n_test:,} images), step {run.step}: "
+        f"accuracy {np.trace(matrix) / n:.4f}"
     )
     draw_confusion(out / "confusion.png", matrix, recipe.class_names(run.cfg.dataset), title)
-    wrote(out / "confusion.png")
-    lines.append(f"confusion matrix: {title}")
-    return Result(lines, files, rf, matrix)
+    written.add(out / "confusion.png")
+    written.lines.append(f"confusion matrix: {title}")
