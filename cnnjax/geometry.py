@@ -197,16 +197,26 @@ def compose_rf(rf: RF, kernel: int, stride: int = 1, pad_low: int = 0, dilation:
     )
 
 
-def merge_rf(paths: Sequence[RF]) -> tuple[RF, str | None]:
-    """RF where parallel branches meet (an add): the largest, plus a message when misaligned."""
+def merge_rf(paths: Sequence[RF]) -> tuple[RF | None, str | None]:
+    """RF where parallel paths meet (an add, a concatenation of channels, a max of shifted
+    views): the hull of their windows, plus a message when they are not aligned. Paths with
+    different jumps have no common window per unit: (None, message)."""
     if not paths:
         raise GeometryError("merge_rf needs at least one path")
-    widest = max(paths, key=lambda rf: rf.size)
     first = paths[0]
-    if all(p.jump == first.jump and math.isclose(p.start, first.start) for p in paths):
-        return widest, None
+    aligned = all(p.jump == first.jump and math.isclose(p.start, first.start) for p in paths)
     listing = "; ".join(f"path {i}: jump {p.jump}, start {p.start:g}" for i, p in enumerate(paths))
-    return widest, (
+    if any(p.jump != first.jump for p in paths):
+        return None, (
+            f"paths with different jumps meet here ({listing}): their units' windows grow apart, "
+            "so no one receptive field describes the units; make the strides agree"
+        )
+    low = min(p.start - (p.size - 1) / 2 for p in paths)
+    high = max(p.start + (p.size - 1) / 2 for p in paths)
+    hull = RF(round(high - low) + 1, first.jump, (low + high) / 2)
+    if aligned:
+        return hull, None
+    return hull, (
         f"branches meeting here are not aligned ({listing}): the same output unit sees "
         "different input positions in each branch; make strides and low-side padding agree"
     )

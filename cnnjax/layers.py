@@ -26,8 +26,14 @@ class Flatten(nn.Module):
         return x.reshape(x.shape[0], -1)
 
 
+def _pool_padding(padding: int | str | tuple) -> str | tuple:
+    """'SAME'/'VALID' as they are; an int or per-axis pairs as ((top, bottom), (left, right))."""
+    return padding if isinstance(padding, str) else pads2d(padding)
+
+
 class MaxPool(nn.Module):
-    """Max pooling over `window` with `stride` (defaults to the window) and integer padding.
+    """Max pooling over `window` with `stride` (defaults to the window) and padding (an int,
+    per-axis pairs, 'SAME' or 'VALID').
 
     A non-overlapping unpadded pool is `tiled_max_pool` on the input cropped to whole windows
     (what the floor in the output size drops anyway): elementwise maxima of strided slices, and
@@ -37,16 +43,16 @@ class MaxPool(nn.Module):
 
     window: int = 2
     stride: int | None = None
-    padding: int = 0
+    padding: int | str | tuple = 0
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
         stride = self.stride or self.window
         _, h, w, _ = x_BxHxWxC.shape
         k = self.window
-        if stride == k and self.padding == 0 and min(h, w) >= k:
+        if stride == k and self.padding in (0, "VALID") and min(h, w) >= k:
             return tiled_max_pool(x_BxHxWxC[:, : h - h % k, : w - w % k], k)
-        return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), pads2d(self.padding))
+        return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), _pool_padding(self.padding))
 
 
 def _slices(x_BxHxWxC: jnp.ndarray, k: int) -> list[jnp.ndarray]:
@@ -86,12 +92,12 @@ class AvgPool(nn.Module):
 
     window: int = 2
     stride: int | None = None
-    padding: int = 0
+    padding: int | str | tuple = 0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         stride = self.stride or self.window
-        return nn.avg_pool(x, (self.window,) * 2, (stride, stride), pads2d(self.padding))
+        return nn.avg_pool(x, (self.window,) * 2, (stride, stride), _pool_padding(self.padding))
 
 
 class Add(nn.Module):

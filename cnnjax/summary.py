@@ -18,7 +18,9 @@ RIGHT = {"#", "params", "MACs", "RF", "jump", "start"}
 
 
 def _axes(pair, fmt: str = "{}") -> str:
-    """'3' when both axes agree, '3x5' (H x W) when they differ."""
+    """'3' when both axes agree, '3x5' (H x W) when they differ, '?' when unknown."""
+    if pair is None:
+        return "?"
     h, w = (fmt.format(v) for v in pair)
     return h if h == w else f"{h}x{w}"
 

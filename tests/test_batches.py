@@ -67,7 +67,6 @@ def test_eval_batches_cover_everything_once_with_a_mask():
     np.testing.assert_array_equal(kept, np.arange(25))
 
 
-
 def test_augment_crops_and_flips_on_device():
     assert batches.make_augment() is None
     images = np.zeros((64, 8, 8, 1), np.uint8)

@@ -196,8 +196,15 @@ def test_merge_rf_misaligned_same_padding():
 
 def test_merge_rf_misaligned_jumps():
     merged, message = merge_rf([RF(5, 1, 2.5), RF(3, 2, 2.5)])
-    assert merged == RF(5, 1, 2.5)
+    assert merged is None  # windows that grow apart: no one receptive field
     assert message is not None and "path 1: jump 2" in message
+
+
+def test_merge_rf_takes_the_hull_of_shifted_windows():
+    # the max of x[0::2] and x[1::2] (a 2-wide max-pool written by hand) sees pixels 2i and 2i+1
+    merged, message = merge_rf([RF(1, 2, 0.5), RF(1, 2, 1.5)])
+    assert merged == RF(2, 2, 1.0)
+    assert message is not None and "not aligned" in message
 
 
 def test_planners_199():
