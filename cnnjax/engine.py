@@ -60,7 +60,7 @@ def cross_entropy(
     return optax.softmax_cross_entropy(logits_BxK, targets)
 
 
-def _cast(tree: Any, dtype) -> Any:
+def cast_floating(tree: Any, dtype) -> Any:
     """Floating-point leaves to `dtype` (None: unchanged)."""
     if dtype is None:
         return tree
@@ -86,12 +86,12 @@ def train_step(
     rng = jax.random.fold_in(rng, state.step)
     dropout_rng, augment_rng = jax.random.split(rng)
     images = batch["image"] if augment is None else augment(batch["image"], augment_rng)
-    x = _cast(preprocess(images), compute_dtype)
+    x = cast_floating(preprocess(images), compute_dtype)
     mutable = list(state.model_state.keys())
 
     def loss_fn(params):
         logits, updates = apply(
-            {"params": _cast(params, compute_dtype), **state.model_state},
+            {"params": cast_floating(params, compute_dtype), **state.model_state},
             x,
             train=True,
             rngs={"dropout": dropout_rng},
@@ -101,7 +101,7 @@ def train_step(
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, model_state=_cast(updates, jnp.float32))
+    state = state.apply_gradients(grads=grads, model_state=cast_floating(updates, jnp.float32))
     accuracy = (logits.argmax(-1) == batch["label"]).mean()
     return state, {"loss": loss, "accuracy": accuracy}
 

@@ -50,3 +50,37 @@ def test_cli_table_and_error():
     bad = _cli("model=alexnet", "model.input_size=28")
     assert bad.returncode == 2
     assert "'pool2'" in bad.stderr and "67x67" in bad.stderr
+
+
+def test_depth_folds_modules_into_their_parents():
+    out = json.loads(_report("resnet50", "format=json"))
+    folded = json.loads(_report("resnet50", "format=json", "depth=1"))
+    names = [r["name"] for r in folded["layers"]]
+    assert len(names) == 22 and names[4:7] == ["layer1_0", "layer1_1", "layer1_2"]
+    assert folded["layers"][4]["type"] == "Bottleneck"
+    for key in ("params", "macs"):
+        assert sum(r[key] for r in folded["layers"]) == sum(r[key] for r in out["layers"])
+    assert folded["layers"][4]["rf"] == [19, 19]  # the block's last row's receptive field
+
+
+def test_columns_and_the_notes_lenet5_table_with_bias_adds():
+    columns = "columns=[layer,input,params,'params %',MACs,'output MB']"
+    text = _report("lenet5", "format=markdown", "macs.bias=true", columns)
+    assert "| layer | input | params | params % | MACs | output MB |" in text
+    # the notes' LeNet-5-like table: (5*5*3 + 1)*6 * 28*28 = 456*784, 2416*100, 48120, 7744, 650
+    for name, macs in [("conv1", 357_504), ("conv2", 241_600), ("conv3", 48_120),
+                       ("fc1", 7_744), ("fc2", 650)]:  # fmt: skip
+        assert f"| {name} |" in text and f"| {macs:,} |" in text
+    assert "- MACs per image counting bias adds: 655,618" in text
+    with pytest.raises(summary.ConfigError, match="no column \\['colour'\\]"):
+        _report("lenet5", "columns=[layer,colour]")
+
+
+def test_plan_answers_the_largest_batch():
+    text = _report("vgg11_small", "format=markdown", "plan.device_memory_gb=0.25")
+    lines = [line for line in text.splitlines() if "->" in line]
+    assert len(lines) == 4 and all("batch " in line for line in lines)
+    sgd32, sgd16, adam32, adam16 = (
+        int(line.split("batch ")[-1].replace(",", "")) for line in lines
+    )
+    assert sgd16 > sgd32 > 0 and adam16 > adam32 > 0 and sgd32 >= adam32

@@ -31,11 +31,11 @@ Conventions:
 
 from cnnjax.analysis.calls import LeafCalls, layer_name
 from cnnjax.analysis.rules import AnalysisError
-from cnnjax.analysis.table import Analysis, Row, Totals, analyze, smallest_input
+from cnnjax.analysis.table import Analysis, Row, Totals, analyze, fold, smallest_input
 from cnnjax.analysis.xla import xla_check
 from cnnjax.geometry import GeometryError
 
 __all__ = [
     "Analysis", "AnalysisError", "GeometryError", "LeafCalls", "Row", "Totals", "analyze",
-    "layer_name", "smallest_input", "xla_check",
+    "fold", "layer_name", "smallest_input", "xla_check",
 ]  # fmt: skip

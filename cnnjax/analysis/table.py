@@ -48,6 +48,7 @@ class Row:
     activation_elements: int = 0  # per image, counted in the activation memory
     warnings: tuple[str, ...] = ()
     in_place: bool = False  # an activation, dropout or view: its output is not new memory
+    bias_adds: int = 0  # per image, of a conv or dense layer with a bias (not in `macs`)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
@@ -82,6 +83,7 @@ class Analysis:
     rows: tuple[Row, ...]
     totals: Totals
     warnings: tuple[str, ...] = ()  # about the whole model
+    modules: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> class name
 
     @property
     def spatial_rows(self) -> list[Row]:
@@ -224,23 +226,40 @@ def build_rows(program: programs.Program, steps: Sequence[Step], batch: int) -> 
             warnings=tuple(dict.fromkeys(notes)),
             in_place=in_place,
         )
+        bias = _bias_adds(g.steps, program)
         if not shared:
-            _check_params(row, g.steps, program)
-        rows.append(row)
+            _check_params(row, g.steps, program, bias > 0)
+        rows.append(dataclasses.replace(row, bias_adds=bias))
     return rows
 
 
-def _check_params(row: Row, steps: Sequence[Step], program: programs.Program) -> None:
-    """A row of one conv or dense layer: the formula's parameter count against its variables."""
+def _core(steps: Sequence[Step], program: programs.Program) -> tuple[Step, set[int]] | None:
+    """The one conv or dense step of a row that reads parameters, and the other parameters the
+    row reads when they can only be its bias (one value per output feature); else None."""
     cores = [s for s in steps if s.primitive in ("conv_general_dilated", "dot_general")]
-    if len(cores) != 1 or row.state or not cores[0].consumed:
+    if len(cores) != 1 or not cores[0].consumed:
+        return None
+    others = {i for s in steps if s is not cores[0] for i in s.consumed}
+    if len(others) > 1 or any(program.leaves[i].size != cores[0].out_shape[-1] for i in others):
+        return None  # more than a bias (a module with a norm inside, say): no single formula
+    return cores[0], others
+
+
+def _bias_adds(steps: Sequence[Step], program: programs.Program) -> int:
+    """Per image, the additions of a conv or dense layer's bias: one per output value."""
+    core = _core(steps, program)
+    if core is None or not core[1]:
+        return 0
+    return math.prod(core[0].out_shape[1:])
+
+
+def _check_params(row: Row, steps: Sequence[Step], program: programs.Program, bias: bool) -> None:
+    """A row of one conv or dense layer: the formula's parameter count against its variables."""
+    core = _core(steps, program)
+    if core is None or row.state:
         return
-    core_ = cores[0]
+    core_, _ = core
     out = core_.out_shape[-1]
-    others = {i for s in steps if s is not core_ for i in s.consumed}
-    if any(program.leaves[i].size != out for i in others):
-        return  # more than a bias (a module with a norm inside, say): no single formula
-    bias = bool(others)
     if core_.primitive == "conv_general_dilated" and row.kernel is not None:
         expected = geometry.conv_params(
             row.kernel, core_.in_shape[-1], out, row.groups or 1, bias, row.name
@@ -324,7 +343,45 @@ def analyze(
         h, w = input_shape[1:3]
         raise GeometryError(f"{e}, from the {h}x{w} model input; {hint}.") from None
     totals = _totals(rows, program, input_shape, batch_size)
-    return Analysis(input_shape, tuple(rows), totals, tuple(_model_warnings(model, rows, program)))
+    warnings = tuple(_model_warnings(model, rows, program))
+    modules = program.types | {c.path: c.type for c in program.calls}
+    return Analysis(input_shape, tuple(rows), totals, warnings, modules)
+
+
+def fold(result: Analysis, depth: int) -> Analysis:
+    """The table with every row deeper than `depth` module levels folded into its ancestor at
+    that depth (torchinfo's `depth`): consecutive rows of one ancestor become one row, with
+    their parameters and MACs summed and the last one's output and receptive field."""
+    if depth < 1:
+        raise ValueError(f"depth={depth}: use 1 or more (1: the model's top-level modules)")
+    groups: list[list[Row]] = []
+    for row in result.rows:
+        key = "/".join(row.name.split("/")[:depth])
+        if groups and "/".join(groups[-1][0].name.split("/")[:depth]) == key:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    rows = tuple(g[0] if len(g) == 1 else _folded(g, depth, result.modules) for g in groups)
+    return dataclasses.replace(result, rows=rows)
+
+
+def _folded(rows: list[Row], depth: int, modules: dict[str, str]) -> Row:
+    name = "/".join(rows[0].name.split("/")[:depth])
+    last = rows[-1]
+    return dataclasses.replace(
+        last,
+        name=name,
+        type=modules.get(name, "+".join(dict.fromkeys(r.type for r in rows))),
+        input_shape=rows[0].input_shape,
+        params=sum(r.params for r in rows),
+        state=sum(r.state for r in rows),
+        macs=sum(r.macs for r in rows),
+        bias_adds=sum(r.bias_adds for r in rows),
+        kernel=None, stride=None, padding=None, dilation=None, groups=None,
+        activation_elements=sum(r.activation_elements for r in rows),
+        warnings=tuple(w for r in rows for w in r.warnings),
+        in_place=all(r.in_place for r in rows),
+    )  # fmt: skip
 
 
 def _totals(rows: list[Row], program: programs.Program, input_shape, batch_size: int) -> Totals:
