@@ -18,6 +18,14 @@ class ReLU(nn.Module):
         return nn.relu(x)
 
 
+class ReLU6(nn.Module):
+    """min(max(x, 0), 6) (MobileNet's activation)."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return nn.relu6(x)
+
+
 class Flatten(nn.Module):
     """(B, H, W, C) -> (B, H*W*C), in NHWC order."""
 

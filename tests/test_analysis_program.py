@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from cnnjax import analysis, geometry, layers
@@ -280,3 +281,43 @@ def xla_flops(fn, variables, shape) -> float:
     cost = jax.jit(fn).lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
     cost = cost.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def _conv3(x, w, dn=NHWC):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=dn)
+
+
+RULES = {  # f(w, x) on a 12x12 input -> (rf, start) of its output
+    "transpose and NCHW dimension numbers": (
+        lambda w, x: _conv3(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1),
+                            ("NCHW", "OIHW", "NCHW")).transpose(0, 2, 3, 1),
+        (3, 3), (1.5, 1.5),
+    ),
+    "remat": (lambda w, x: jax.checkpoint(_conv3)(x, w), (3, 3), (1.5, 1.5)),
+    "dynamic_slice with a known start": (
+        lambda w, x: _conv3(jax.lax.dynamic_slice(x, (0, 2, 3, 0), (1, 8, 8, 1)), w),
+        (3, 3), (3.5, 4.5),
+    ),
+    "spatial concatenation of two halves": (
+        lambda w, x: _conv3(jnp.concatenate([x[:, :6], x[:, 6:]], axis=1), w), (3, 3), (1.5, 1.5),
+    ),
+    "expand_dims and squeeze": (
+        lambda w, x: _conv3(jnp.squeeze(jnp.expand_dims(x, 1), 1), w), (3, 3), (1.5, 1.5),
+    ),
+    "strided slice, then conv": (lambda w, x: _conv3(x[:, 1::2, ::3], w), (5, 7), (3.5, 3.5)),
+    "reversed rows: no rule keeps the field": (lambda w, x: _conv3(jnp.flip(x, 1), w), None, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(RULES))
+def test_primitive_rules(case):
+    fn, rf, start = RULES[case]
+    w = jnp.full((3, 3, 1, 1), 0.5)
+    result = analysis.analyze(fn, (1, 12, 12, 1), params=w)
+    last = result.rows[-1]
+    assert (last.rf, last.start) == (rf, start), [(r.type, r.rf, r.start) for r in result.rows]
+    assert last.output_shape == jax.eval_shape(fn, w, jnp.zeros((1, 12, 12, 1))).shape
+    if rf is None:
+        assert any("from `rev`" in w for w in result.warnings)
+    else:
+        check_against_gradient(result, lambda x: fn(w, x), (1, 12, 12, 1))

@@ -10,11 +10,15 @@ from helpers import MODELS, RUNNABLE, compose_config
 from hydra.utils import instantiate
 
 from cnnjax import analysis, batches, bench, models, recipe
+from cnnjax.errors import ConfigError
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed (make test has it)")
 from cnnjax.bench import reference, twin  # noqa: E402
 
-BRANCHING = {"resnet18", "resnet50", "resnet18_small", "resnet50_small"}  # residual adds: no twin
+BRANCHING = {  # residual adds or concatenations: no twin
+    "resnet18", "resnet50", "resnet18_small", "resnet50_small", "mobilenet_v2",
+    "mobilenet_v2_small", "densenet121", "densenet121_small",
+}  # fmt: skip
 CASES = [[f"model={name}"] for name in RUNNABLE if name not in BRANCHING]
 CASES.append(["model=blocknet", "model.batch_norm=true"])
 KEYS = {"model", "batch_size", "device", "cnnjax_train_img_s", "cnnjax_eval_img_s", "compile_s"}
@@ -35,7 +39,10 @@ def toy(idx_dir) -> list[str]:
 def test_exactly_the_models_with_branches_go_without_a_twin(name):
     model = instantiate(compose_config("train", f"model={name}").model)
     table = analysis.analyze(model, models.input_shape(model))
-    assert any(r.type == "Add" for r in table.rows) == (name in BRANCHING)
+    assert twin.branches(table) == (name in BRANCHING)
+    if name in BRANCHING:
+        with pytest.raises(ConfigError, match="branches"):
+            twin.check(table)
     assert set(MODELS) >= BRANCHING
 
 

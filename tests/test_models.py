@@ -28,6 +28,10 @@ PARAMS_10 = {
     "vgg16_small": 15_245_130,  # convs 14,714,688 + the same head
     "resnet18_small": 11_181_642,  # the layers of resnet18: a 32x32 input changes no count
     "resnet50_small": 23_528_522,
+    "mobilenet_v2": 2_236_682,  # 3,504,872 - 1281 * 990
+    "mobilenet_v2_small": 2_236_682,  # strides change no count
+    "densenet121": 6_964_106,  # 7,978,856 - 1025 * 990
+    "densenet121_small": 6_964_106,  # the layers of densenet121
 }
 
 
@@ -62,6 +66,8 @@ def test_params_and_output_shape(compose_cfg, name):
         ("vgg16", 1000, 138_357_544),  # torchvision vgg16
         ("resnet18", 1000, 11_689_512),  # torchvision resnet18
         ("resnet50", 1000, 25_557_032),  # torchvision resnet50
+        ("mobilenet_v2", 1000, 3_504_872),  # torchvision mobilenet_v2
+        ("densenet121", 1000, 7_978_856),  # torchvision densenet121
     ],
 )
 def test_published_counts(compose_cfg, name, classes, expected):

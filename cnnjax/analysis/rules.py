@@ -54,6 +54,7 @@ class Effect:
     label: str | None = None
     windows: dict[int, AxisWindow] | None = None  # image axis -> window
     groups: int | None = None
+    features: tuple[int, int] | None = None  # (in, out) of a conv or dense layer
     notes: list[str] = field(default_factory=list)
 
 
@@ -181,6 +182,7 @@ def _conv(eqn, fields, layer, same_source) -> Effect:
     effect.out = [Field(tuple(axes), f.rf)]
     effect.macs = out_shape[out_spec[0]] * out_shape[out_spec[1]] * rhs.shape[rhs_spec[1]] * taps
     effect.groups = p["feature_group_count"]
+    effect.features = (lhs.shape[lhs_spec[1]], out_shape[out_spec[1]])
     effect.label = "conv_transpose" if any(d > 1 for d in p["lhs_dilation"]) else "conv"
     return effect
 
@@ -212,7 +214,12 @@ def _dot_general(eqn, fields, layer, same_source) -> Effect:
         axes_out.append(Field(tuple(axes), f.rf))
     label = "dense" if len(axes_out) == 1 else "matmul"
     out, notes = merge(axes_out) if len(axes_out) > 1 else (axes_out[0], [])
-    return Effect([out], macs=math.prod(out_shape) * contracted, label=label, notes=notes)
+    features = None
+    if fields[1] is None and len(rhs.shape) == 2 and len(rc) == 1 and not rb:
+        features = (contracted, rhs.shape[1 - rc[0]])  # x @ W with a parameter W
+    effect = Effect([out], macs=math.prod(out_shape) * contracted, label=label, notes=notes)
+    effect.features = features
+    return effect
 
 
 def collapse_keep(f: Field, axes: Sequence[int], shape: Sequence[int]) -> Field:

@@ -20,7 +20,7 @@ from cnnjax.analysis.rules import UNKNOWN, AnalysisError, unfit
 from cnnjax.analysis.walk import Step, _Value, walk
 from cnnjax.geometry import MIB, RF, GeometryError, Pair
 
-IN_PLACE = ("ReLU", "Dropout", "Flatten")  # module rows whose outputs are not counted as memory
+IN_PLACE = ("ReLU", "ReLU6", "Dropout", "Flatten")  # module rows whose outputs are not memory
 QUIET = {None, "relu", "convert_element_type", "copy", "stop_gradient"}  # labels not shown
 ACTIVATIONS = {"relu", "tanh", "logistic", "exp", "abs", "square", "sqrt", "rsqrt", "erf"}
 
@@ -237,10 +237,10 @@ def _core(steps: Sequence[Step], program: programs.Program) -> tuple[Step, set[i
     """The one conv or dense step of a row that reads parameters, and the other parameters the
     row reads when they can only be its bias (one value per output feature); else None."""
     cores = [s for s in steps if s.primitive in ("conv_general_dilated", "dot_general")]
-    if len(cores) != 1 or not cores[0].consumed:
+    if len(cores) != 1 or not cores[0].consumed or cores[0].features is None:
         return None
     others = {i for s in steps if s is not cores[0] for i in s.consumed}
-    if len(others) > 1 or any(program.leaves[i].size != cores[0].out_shape[-1] for i in others):
+    if len(others) > 1 or any(program.leaves[i].size != cores[0].features[1] for i in others):
         return None  # more than a bias (a module with a norm inside, say): no single formula
     return cores[0], others
 
@@ -250,7 +250,7 @@ def _bias_adds(steps: Sequence[Step], program: programs.Program) -> int:
     core = _core(steps, program)
     if core is None or not core[1]:
         return 0
-    return math.prod(core[0].out_shape[1:])
+    return math.prod(core[0].out_shape[1:])  # every output value gets its feature's bias
 
 
 def _check_params(row: Row, steps: Sequence[Step], program: programs.Program, bias: bool) -> None:
@@ -259,13 +259,11 @@ def _check_params(row: Row, steps: Sequence[Step], program: programs.Program, bi
     if core is None or row.state:
         return
     core_, _ = core
-    out = core_.out_shape[-1]
+    cin, out = core_.features
     if core_.primitive == "conv_general_dilated" and row.kernel is not None:
-        expected = geometry.conv_params(
-            row.kernel, core_.in_shape[-1], out, row.groups or 1, bias, row.name
-        )
-    elif core_.primitive == "dot_general" and len(core_.in_shape) >= 2:
-        expected = geometry.dense_params(core_.in_shape[-1], out, bias)
+        expected = geometry.conv_params(row.kernel, cin, out, row.groups or 1, bias, row.name)
+    elif core_.primitive == "dot_general":
+        expected = geometry.dense_params(cin, out, bias)
     else:
         return
     if expected != row.params:

@@ -37,6 +37,7 @@ class Step:
     macs: int  # over the whole batch
     windows: dict | None  # image axis -> AxisWindow, for a conv or pool
     groups: int | None
+    features: tuple[int, int] | None  # (in, out) of a conv or dense layer
     consumed: frozenset[int]  # parameter leaves that meet the image here
     notes: tuple[str, ...]
     merges: int  # operands computed from the image (2+: paths meet here)
@@ -102,6 +103,7 @@ def _step(eqn, ins: list[_Value], here: str, namer, steps: list[Step]) -> list[_
             macs=effect.macs,
             windows=effect.windows,
             groups=effect.groups,
+            features=effect.features,
             consumed=consumed,
             notes=tuple(effect.notes),
             merges=len(data),

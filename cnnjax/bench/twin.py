@@ -86,9 +86,14 @@ def _layer(row: Row, variables: dict, dropout: float) -> list[nn.Module]:
     return [SIMPLE[row.type]()]
 
 
+def branches(table: Analysis) -> bool:
+    """True when paths of the model meet (a residual add, a concatenation)."""
+    return any(r.type == "Add" or "concat" in r.type.split("+") for r in table.rows)
+
+
 def check(table: Analysis) -> None:
     """Raise ConfigError when the twin of `table`'s model cannot be built."""
-    if any(r.type == "Add" for r in table.rows):
+    if branches(table):
         raise ConfigError("the PyTorch twin supports chain models only (this one has branches)")
     for row in table.rows:
         if row.type not in SUPPORTED:
