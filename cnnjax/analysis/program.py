@@ -9,7 +9,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.extend import core
 
 from cnnjax.analysis.calls import Call, CallScopes
@@ -78,8 +77,9 @@ def from_linen(model: nn.Module, input_shape: Sequence[int]) -> Program:
     return Program(jaxpr, _leaves(variables, True), tuple(scopes.calls), {}, variables)
 
 
-def from_nnx(model: nnx.Module, input_shape: Sequence[int]) -> Program:
+def from_nnx(model: Any, input_shape: Sequence[int]) -> Program:
     """The program of an NNX module's call; its `nnx.Param`s are the trainable leaves."""
+    from flax import nnx  # imported when used: most models are Linen
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     variables = {"params": params, "rest": rest}
 
@@ -102,11 +102,17 @@ def from_function(fn: Callable, params: Any, input_shape: Sequence[int]) -> Prog
     return Program(jaxpr, _leaves(params, False), (), {}, params)
 
 
+def _is_nnx(model: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(model, nnx.Module)
+
+
 def trace(model: Any, input_shape: Sequence[int], params: Any = None) -> Program:
     """The program of a Linen module, an NNX module, or `model(params, x)`."""
     if isinstance(model, nn.Module):
         return from_linen(model, input_shape)
-    if isinstance(model, nnx.Module):
+    if _is_nnx(model):
         return from_nnx(model, input_shape)
     if callable(model) and params is not None:
         return from_function(model, params, input_shape)

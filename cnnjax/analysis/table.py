@@ -17,7 +17,7 @@ from cnnjax.analysis import program as programs
 from cnnjax.analysis.calls import innermost_call
 from cnnjax.analysis.fields import AxisWindow, Field
 from cnnjax.analysis.rules import UNKNOWN, AnalysisError, unfit
-from cnnjax.analysis.walk import Step, _Value, walk
+from cnnjax.analysis.walk import Step, Value, walk
 from cnnjax.geometry import MIB, RF, GeometryError, Pair
 
 IN_PLACE = ("ReLU", "ReLU6", "Dropout", "Flatten")  # module rows whose outputs are not memory
@@ -130,14 +130,16 @@ def group(program: programs.Program, steps: Sequence[Step]) -> list[_Group]:
                 kind = info.type if info.leaf else None
                 groups.append(_Group(call, info.path, kind, [step], info.window if kind else None))
             continue
-        stack = step.stack
-        same_owner = owner is None or last is None or last.name in (owner, stack or "")
-        if last and last.key == stack and not _anchor(step) and same_owner:
+        # a function or NNX module: a new row at an anchor, a new name stack or a new owner
+        unnamed = last is not None and last.name == step.stack  # no parameters read yet
+        same_owner = owner is None or last is None or unnamed or last.name == owner
+        if last and last.key == step.stack and not _anchor(step) and same_owner:
             last.steps.append(step)
-            if owner and last.name == (stack or ""):
+            if owner and unnamed:
                 last.name = owner
         else:
-            groups.append(_Group(stack, owner or stack, program.types.get(owner or ""), [step]))
+            name = owner or step.stack
+            groups.append(_Group(step.stack, name, program.types.get(name), [step]))
     return groups
 
 
@@ -278,12 +280,9 @@ def trace_rows(
 ) -> tuple[list[Row], programs.Program]:
     """Rows in call order, and the traced program."""
     program = programs.trace(model, input_shape, params)
-    n = len(program.leaves)
-    inputs = [_Value() for _ in range(n)]
-    for i in range(n):
-        inputs[i] = _Value(None, frozenset({i}))
-    image = _Value(Field.image(len(input_shape), (1, 2)))
-    steps, _ = walk(program.jaxpr.jaxpr, [*inputs, image], _namer(program))
+    leaves = [Value(sources=frozenset({i})) for i in range(len(program.leaves))]
+    image = Value(Field.image(len(input_shape), (1, 2)))
+    steps, _ = walk(program.jaxpr.jaxpr, [*leaves, image], _namer(program))
     return build_rows(program, steps, input_shape[0]), program
 
 

@@ -45,26 +45,28 @@ class Step:
 
 
 @dataclass
-class _Value:
+class Value:
+    """What the walk knows of one array."""
+
     field: Field | None = None
     sources: frozenset[int] = frozenset()  # parameter leaves, while field is None
     base: object = None  # the array this one is a view of (for a max of shifted slices)
 
 
 def walk(
-    jaxpr: core.Jaxpr, inputs: list[_Value], namer: Callable[[str], str], stack: str = ""
-) -> tuple[list[Step], list[_Value]]:
+    jaxpr: core.Jaxpr, inputs: list[Value], namer: Callable[[str], str], stack: str = ""
+) -> tuple[list[Step], list[Value]]:
     """The steps of `jaxpr` given its inputs' values; and its outputs' values."""
     env: dict = {}
 
-    def read(v) -> _Value:
-        return _Value() if isinstance(v, core.Literal) else env.get(v, _Value())
+    def read(v) -> Value:
+        return Value() if isinstance(v, core.Literal) else env.get(v, Value())
 
     for var, value in zip(jaxpr.invars, inputs, strict=True):
         env[var] = (
             value
             if value.base is not None or value.field is None
-            else _Value(value.field, value.sources, var)
+            else Value(value.field, value.sources, var)
         )
     steps: list[Step] = []
     for eqn in jaxpr.eqns:
@@ -81,12 +83,12 @@ def walk(
     return steps, [read(v) for v in jaxpr.outvars]
 
 
-def _step(eqn, ins: list[_Value], here: str, namer, steps: list[Step]) -> list[_Value]:
+def _step(eqn, ins: list[Value], here: str, namer, steps: list[Step]) -> list[Value]:
     fields = [v.field for v in ins]
     data = [v for v in ins if v.field is not None]
     if not data:
         sources = frozenset().union(*(v.sources for v in ins))
-        return [_Value(None, sources) for _ in eqn.outvars]
+        return [Value(None, sources) for _ in eqn.outvars]
     same = len({id(v.base) for v in data}) == 1 and data[0].base is not None
     effect = rules.apply(eqn, fields, namer(here), same)
     consumed = frozenset().union(*(v.sources for v in ins if v.field is None))
@@ -113,7 +115,7 @@ def _step(eqn, ins: list[_Value], here: str, namer, steps: list[Step]) -> list[_
     base = data[0].base if (name in VIEWS or name in rules.NARY) and same else None
     outs = []
     for var, f in zip(eqn.outvars, effect.out, strict=True):
-        outs.append(_Value(f, frozenset(), base if base is not None else var))
+        outs.append(Value(f, frozenset(), base if base is not None else var))
     return outs
 
 
