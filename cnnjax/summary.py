@@ -19,6 +19,7 @@ from cnnjax import analysis, geometry, models
 from cnnjax.analysis import memory
 from cnnjax.errors import ConfigError, reported
 from cnnjax.geometry import MIB
+from cnnjax.runtime import CONF_DIR
 
 DEFAULT_COLUMNS = ("#", "layer", "type", "window", "pad", "output", "params", "MACs", "RF", "jump",
                    "start")  # fmt: skip
@@ -226,7 +227,7 @@ def report(cfg: DictConfig, model_name: str) -> str | None:
     raise ConfigError(f"format={cfg.format!r}: use table, markdown or json")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="summary")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="summary")
 def main(cfg: DictConfig) -> None:
     with reported():
         text = report(cfg, HydraConfig.get().runtime.choices["model"])

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from cnnjax import checkpoint, loop, onednn, parallel, recipe, rundir, runtime, validation
 from cnnjax.errors import CnnjaxError, reported
+from cnnjax.runtime import CONF_DIR
 
 log = logging.getLogger("cnnjax.train")
 
@@ -183,7 +184,7 @@ def log_result(summary: dict, target_accuracy: float | None) -> None:
         )  # fmt: skip
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Entry point; returns the test accuracy (the objective of sweeps). An error the user can
     fix ends the command with its message and status 2. In a sweep, a job that fails or

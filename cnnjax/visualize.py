@@ -7,9 +7,10 @@ from omegaconf import DictConfig
 
 from cnnjax.errors import reported
 from cnnjax.plots import run_pictures
+from cnnjax.runtime import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="visualize")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="visualize")
 def main(cfg: DictConfig) -> None:
     """Entry point; exits with status 2 and the message when the run cannot be visualised."""
     with reported():

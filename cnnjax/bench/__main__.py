@@ -10,9 +10,10 @@ from omegaconf import DictConfig
 
 from cnnjax.bench import measure
 from cnnjax.errors import reported
+from cnnjax.runtime import CONF_DIR
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> None:
     with reported():
         result = measure(cfg, HydraConfig.get().runtime.choices["model"])
