@@ -119,15 +119,22 @@ def confusion_matrix(labels_N: np.ndarray, predicted_N: np.ndarray, classes: int
 def choose_unit(
     table: analysis.Analysis, layer: str | None, unit: Sequence[int] | None
 ) -> tuple[analysis.Row, Pair]:
-    """The row of `layer` (None: the last spatial layer) and the unit (None: the centre one,
-    rounding towards the top left)."""
+    """The row of `layer` (None: the last spatial layer whose receptive field is known) and the
+    unit (None: the centre one, rounding towards the top left)."""
     spatial = table.spatial_rows
     names = [r.name for r in spatial]
     if not spatial or (layer is not None and layer not in names):
         raise ConfigError(
             f"layer={layer!r} is not a spatial layer of this model; choose one of {names}"
         )
-    row = spatial[-1] if layer is None else spatial[names.index(layer)]
+    known = [r for r in spatial if r.rf is not None]
+    row = (known or spatial)[-1] if layer is None else spatial[names.index(layer)]
+    if row.rf is None:
+        raise ConfigError(
+            f"the receptive field of {row.name!r} is unknown (see `python -m cnnjax.summary`'s "
+            f"warnings), so it has no window to draw; choose a layer before it, one of "
+            f"{[r.name for r in known]}"
+        )
     h, w = row.output_shape[1:3]
     if unit is None:
         return row, ((h - 1) // 2, (w - 1) // 2)

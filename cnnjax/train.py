@@ -140,7 +140,7 @@ def train_and_evaluate(
             "%s: %s params, %.1f M MACs per image, final receptive field %s; %d train / %d test "
             "examples; %d steps (%d per epoch, batch %d over %d device(s) of %d process(es))",
             type(r.model).__name__, f"{totals.trainable_params:,}", totals.macs / 1e6,
-            "x".join(map(str, final.rf)), len(r.train_split.labels_N),
+            "x".join(map(str, final.rf)) if final.rf else "unknown", len(r.train_split.labels_N),
             len(r.test_split.labels_N), r.settings.total_steps, r.settings.steps_per_epoch,
             t.batch_size, lay.device_count, lay.process_count,
         )  # fmt: skip
@@ -154,7 +154,7 @@ def train_and_evaluate(
         "conv_backend": conv_backend,
         "params": totals.trainable_params,
         "macs": totals.macs,
-        "receptive_field": list(final.rf),
+        "receptive_field": list(final.rf) if final.rf else None,  # None: unknown
         "input_adaptation": r.adaptation,
         **results,
     }

@@ -11,14 +11,16 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from cnnjax import runtime
+from cnnjax import layers, runtime
 from cnnjax.runtime import CONF_DIR
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -125,3 +127,20 @@ def final_arrays(run_dir: Path) -> dict:
         saved = checkpointer.metadata(path).item_metadata
         like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here)  # noqa: E731
         return checkpointer.restore(path, jax.tree.map(like, saved))
+
+
+class RunningSum(nn.Module):
+    """A model whose final receptive field the analysis cannot know: a running sum down the
+    rows (`jnp.cumsum` has no rule) between two convs, then a global average and a dense layer;
+    the input and class count of the generated dataset's models (28x28x1, 10 classes)."""
+
+    num_classes: int = 10
+    input_size: int = 28
+    in_channels: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(layers.conv(4, 3, name="c1")(x))
+        x = jnp.cumsum(x, axis=1) / x.shape[1]
+        x = nn.relu(layers.conv(4, 3, name="c2")(x))
+        return nn.Dense(self.num_classes, name="fc")(x.mean(axis=(1, 2)))

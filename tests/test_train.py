@@ -197,6 +197,16 @@ def test_bad_geometry_fails_before_compiling_by_layer_name(tmp_path, idx_dir, ru
     assert summary["status"] == "failed" and "GeometryError" in summary["error"]
 
 
+def test_a_model_whose_receptive_field_is_unknown_trains_and_says_so(tmp_path, idx_dir, run_train):
+    run_dir = tmp_path / "run"
+    proc = run_train(idx_dir, "model._target_=helpers.RunningSum", "trainer.max_steps=2",
+                     f"hydra.run.dir={run_dir}")  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["receptive_field"] is None
+    assert "final receptive field unknown" in proc.stderr + proc.stdout
+    assert "receptive field unknown from `cumsum` in 'RunningSum'" in proc.stderr + proc.stdout
+
+
 def test_a_second_process_loads_the_compilations_of_the_first(tmp_path, idx_dir, jax_cache):
     runs = [tmp_path / "first", tmp_path / "second"]  # both fresh processes: no memory cache
     cli(idx_dir, "trainer.max_steps=2", f"hydra.run.dir={runs[0]}")

@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
-from helpers import RUNNABLE, compose_config, train_here
+from helpers import RUNNABLE, RunningSum, compose_config, train_here
 from hydra.utils import instantiate
 
 from cnnjax import analysis, models, probe, recipe, trained
@@ -99,6 +100,15 @@ def test_a_chosen_unit_sees_its_window_and_nothing_outside(run_dir):
         probe.choose_unit(table, "conv5", [5, 0])
     with pytest.raises(ConfigError, match="choose one of .*'conv7'"):
         probe.choose_unit(table, "fc", None)
+
+
+def test_the_default_unit_is_in_the_last_layer_whose_receptive_field_is_known():
+    table = analysis.analyze(RunningSum(), (1, 12, 12, 1))  # a conv, cumsum, a conv
+    rows = {r.name: r for r in table.rows}
+    assert rows["c2"].rf is None and rows["c1"].rf == (3, 3)
+    assert probe.choose_unit(table, None, None) == (rows["c1"], (4, 4))
+    with pytest.raises(ConfigError, match="receptive field of 'c2' is unknown.*'c1'"):
+        probe.choose_unit(table, "c2", None)
 
 
 def test_a_directory_that_is_not_a_run_or_has_no_checkpoint_says_so(run_dir, tmp_path):
