@@ -21,6 +21,7 @@ from cnnjax import onednn
 Preprocess = Callable[[jnp.ndarray], jnp.ndarray]
 Augment = Callable[[jnp.ndarray, jax.Array], jnp.ndarray]  # (uint8 NHWC images, rng) -> images
 Metrics = dict[str, jnp.ndarray]
+COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
 
 
 class TrainState(train_state.TrainState):

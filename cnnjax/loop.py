@@ -264,7 +264,8 @@ def resume(
     recorded = checkpoints.recorded_run() or recorded
     if recorded is not None and recorded != checkpoints.run:
         raise RunDirError(
-            f"{run_dir} holds another run: " + "; ".join(differences(recorded, checkpoints.run))
+            f"{run_dir} holds another run: "
+            + "; ".join(differences(recorded, checkpoints.run))
             + ". A run resumes only with the settings that define it: run again with those, or "
             "give this run another hydra.run.dir."
         )

@@ -231,5 +231,3 @@ def receptive_field(row: analysis.Row, unit: Pair, gradient_HxW: np.ndarray) -> 
         tuple(rf.window(i) for rf, i in zip(axes, unit, strict=True)), gradient_HxW.shape,
         footprint(gradient_HxW),
     )  # fmt: skip
-
-

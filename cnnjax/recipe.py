@@ -19,7 +19,6 @@ from cnnjax import analysis, batches, data, engine, models
 from cnnjax.errors import ConfigError
 from cnnjax.loop import Settings
 
-COMPUTE_DTYPES = {"fp32": None, "bf16": jnp.bfloat16}  # trainer.precision; parameters stay fp32
 # What defines a run (a rerun in its directory must agree on all of it): the model, the data
 # (its content, not its location or name), the optimizer, the schedule and the trainer settings
 # that change the weights. Not: epochs and max_steps (a run may be extended), evaluation, logging,
@@ -137,7 +136,7 @@ def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
         preprocess=preprocess,
         augment=batches.make_augment(**(ds.get("augment") or {})),
         label_smoothing=t.label_smoothing,
-        compute_dtype=COMPUTE_DTYPES[t.precision],
+        compute_dtype=engine.COMPUTE_DTYPES[t.precision],
         conv_backend=conv_backend,
     )
     eval_step = functools.partial(

@@ -187,14 +187,9 @@ def _plan(cfg: DictConfig, model, shape) -> tuple[list, list]:
         raise ConfigError(
             f"plan.device_memory_gb={cfg.plan.device_memory_gb}: use a size in GB > 0"
         )
-    pairs = [(o, p) for o in memory.OPTIMIZERS for p in memory.DTYPES]
     batch_shape = (cfg.batch_size, *shape[1:])
-    plans = [memory.plan(model, batch_shape, o, p) for o, p in pairs]
-    xla = (
-        [memory.compare_with_xla(model, batch_shape, o, p) for o, p in pairs]
-        if cfg.plan.xla
-        else []
-    )
+    plans = memory.plans(model, batch_shape)
+    xla = [memory.compare_with_xla(model, batch_shape, p) for p in plans] if cfg.plan.xla else []
     return plans, xla
 
 

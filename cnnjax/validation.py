@@ -50,7 +50,9 @@ def _devices(v: Any) -> bool:
 RULES: dict[str, tuple[Check, str, str]] = {
     "trainer.epochs": (_whole(1), "a whole number of at least 1", "8"),
     "trainer.max_steps": (
-        _optional(_whole(1)), "null (train trainer.epochs) or a whole number of at least 1", "500"
+        _optional(_whole(1)),
+        "null (train trainer.epochs) or a whole number of at least 1",
+        "500",
     ),
     "trainer.batch_size": (_whole(1), "a whole number of at least 1", "128"),
     "trainer.eval_batch_size": (_whole(1), "a whole number of at least 1", "1000"),
@@ -79,7 +81,9 @@ RULES: dict[str, tuple[Check, str, str]] = {
 OPTIONAL_RULES: dict[str, tuple[Check, str, str]] = {
     "optimizer.weight_decay": (_number(0, low_open=False), "a number of at least 0", "1e-4"),
     "optimizer.momentum": (
-        _optional(_number(0, 1, low_open=False)), "null or a number in [0, 1]", "0.9"
+        _optional(_number(0, 1, low_open=False)),
+        "null or a number in [0, 1]",
+        "0.9",
     ),
     "dataset.augment.crop_padding": (_whole(0), "a whole number of pixels, at least 0", "2"),
     "dataset.augment.flip": (_flag, "true or false", "true"),

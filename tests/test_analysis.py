@@ -9,7 +9,7 @@ import pytest
 from helpers import MODELS, RUNNABLE
 from hydra.utils import instantiate
 
-from cnnjax import analysis, geometry, layers, models
+from cnnjax import analysis, geometry, layers, models, probe
 from cnnjax.analysis import AnalysisError, GeometryError
 from cnnjax.layers import Add, conv
 from cnnjax.models.alexnet import AlexNet
@@ -220,11 +220,6 @@ def _positive(path, leaf):
     return jnp.zeros_like(leaf) if path[-1].key == "bias" else leaf
 
 
-def _footprint(grad_HxW: np.ndarray, axis: int) -> tuple[int, int]:
-    hit = np.nonzero(np.abs(grad_HxW).sum(axis=1 - axis) > 0)[0]
-    return int(hit[0]), int(hit[-1])
-
-
 def _expected(row: analysis.Row, axis: int, unit: int, size: int) -> tuple[int, int]:
     """Pixels covered by output unit `unit`: centre +- rf/2, clipped to the image."""
     centre = row.start[axis] + unit * row.jump[axis]
@@ -254,9 +249,10 @@ def test_receptive_fields_against_gradient_footprints(compose_cfg, name):
             cot = {k: jnp.zeros_like(v) for k, v in outs.items()}
             cot[name_] = cot[name_].at[0, i, j, 0].set(1.0)
             (grad,) = vjp(cot)
-            g = np.asarray(grad[0]).sum(axis=-1)
-            assert _footprint(g, 0) == _expected(row, 0, i, shape[1]), (name_, i)
-            assert _footprint(g, 1) == _expected(row, 1, j, shape[2]), (name_, j)
+            box = probe.footprint(np.abs(np.asarray(grad[0])).sum(axis=-1))
+            assert box is not None, name_
+            assert box[0] == _expected(row, 0, i, shape[1]), (name_, i)
+            assert box[1] == _expected(row, 1, j, shape[2]), (name_, j)
 
 
 def test_memory_estimate_against_xla(compose_cfg):

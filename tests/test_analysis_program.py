@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cnnjax import analysis, geometry, layers
+from cnnjax import analysis, geometry, layers, probe
 from cnnjax.geometry import RF
 from cnnjax.layers import conv
 
@@ -33,7 +33,7 @@ def positive(variables):
     return jax.tree_util.tree_map_with_path(leaf, variables)
 
 
-def footprint(fn, shape, unit) -> list[tuple[int, int]]:
+def footprint(fn, shape, unit) -> probe.Box | None:
     """Per image axis, the first and last input pixel whose gradient for output unit
     `unit` = (i, j) is non-zero on any of SAMPLES random positive inputs."""
     x = jax.random.uniform(jax.random.key(7), (SAMPLES, *shape[1:]), minval=0.1, maxval=1.0)
@@ -42,12 +42,7 @@ def footprint(fn, shape, unit) -> list[tuple[int, int]]:
         out = fn(x)
         return out[:, unit[0], unit[1], :].sum() if out.ndim == 4 else out.sum()
 
-    grad = np.abs(np.asarray(jax.grad(unit_sum)(x))).sum(axis=(0, 3))
-    spans = []
-    for axis in range(2):
-        hit = np.nonzero(grad.sum(axis=1 - axis) > 0)[0]
-        spans.append((int(hit[0]), int(hit[-1])))
-    return spans
+    return probe.footprint(np.abs(np.asarray(jax.grad(unit_sum)(x))).sum(axis=(0, 3)))
 
 
 def expected_span(rf: RF, unit: int, size: int) -> tuple[int, int]:
@@ -224,6 +219,20 @@ def test_a_primitive_without_a_rule_makes_the_receptive_field_unknown():
     assert conv_row.rf == (3, 3) and cumsum.rf is None
     (warning,) = [w for w in result.warnings if "unknown" in w]
     assert "from `cumsum` in 'the program'" in warning
+
+
+def test_multiply_adds_inside_a_loop_are_not_passed_off_as_the_total():
+    def fn(w, x):
+        def body(i, y):
+            return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+        return jax.lax.fori_loop(0, 3, body, x)  # three convs the analysis does not enter
+
+    result = analysis.analyze(fn, (1, 8, 8, 1), params=jnp.ones((3, 3, 1, 1)))
+    (row,) = result.rows
+    assert row.rf is None and result.totals.macs == 0
+    (uncounted,) = [w for w in result.warnings if w.startswith("MACs not counted")]
+    assert "inside `scan`" in uncounted and "lower bound" in uncounted
 
 
 class NNXNet(nnx.Module):

@@ -45,6 +45,7 @@ def test_estimate_against_the_compiled_step(name, optimizer):
     """The README's tolerance: XLA:CPU's buffers for the compiled training step are 0.8 to 1.4
     times the estimate (XLA adds working buffers and keeps some values the plan does not)."""
     model = _model(name)
-    check = memory.compare_with_xla(model, models.input_shape(model, 64), optimizer)
+    shape = models.input_shape(model, 64)
+    check = memory.compare_with_xla(model, shape, memory.plan(model, shape, optimizer))
     assert 0.8 <= check["ratio"] <= 1.4, check
     jax.clear_caches()

@@ -118,7 +118,7 @@ def window_of(module: nn.Module, in_hw: Pair, name: str) -> Window | None:
         kernel, stride = geometry.as_pair(module.kernel_size), geometry.as_pair(module.strides)
         dilation, pad = geometry.as_pair(module.kernel_dilation), module.padding
     elif isinstance(module, layers.MaxPool | layers.AvgPool):
-        kernel = stride = (module.window,) * 2
+        kernel = (module.window,) * 2
         stride = (module.stride,) * 2 if module.stride else kernel
         dilation, pad = (1, 1), module.padding
     else:

@@ -9,6 +9,7 @@ XLA's own count for the compiled step (`compare_with_xla`) adds its working buff
 """
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,6 @@ OPTIMIZERS = {  # the optimizers a plan is made for: name -> optax transformatio
     "sgd": optax.sgd(0.1, momentum=0.9),
     "adam": optax.adam(1e-3),
 }
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 GIB = 1024**3
 
 
@@ -98,38 +98,55 @@ def _residual_bytes(model: nn.Module, variables: Any, image: Sequence[int], batc
     return _nbytes(jax.eval_shape(residuals, params, model_state, x))
 
 
-def plan(
-    model: nn.Module, input_shape: Sequence[int], optimizer: str = "adam", precision: str = "fp32"
-) -> StepMemory:
-    """The memory of a training step of `model` on images of `input_shape[1:]`."""
+def plans(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    optimizers: Sequence[str] = tuple(OPTIMIZERS),
+    precisions: Sequence[str] = tuple(engine.COMPUTE_DTYPES),
+) -> list[StepMemory]:
+    """The memory of a training step of `model` on images of `input_shape[1:]`, for each
+    optimizer and precision (in that order): the model is traced once per precision."""
     image = tuple(input_shape[1:])
     variables = linen_variables(model, (1, *image))
     params = variables["params"]
-    dtype = None if precision == "fp32" else DTYPES[precision]
-    one, two = (_residual_bytes(model, variables, image, b, dtype) for b in (1, 2))
     param_bytes = _nbytes(params)
-    copy = 0 if dtype is None else param_bytes * jnp.dtype(dtype).itemsize // 4
-    return StepMemory(
-        optimizer=optimizer,
-        precision=precision,
-        params=param_bytes,
-        gradients=param_bytes,
-        optimizer_state=_nbytes(jax.eval_shape(OPTIMIZERS[optimizer].init, params)),
-        model_state=_nbytes({k: v for k, v in variables.items() if k != "params"}),
-        compute_copy=copy,
-        input_per_image=int(jnp.prod(jnp.array(image))) + 4,
-        activations_per_image=two - one,
-    )
+    model_state = _nbytes({k: v for k, v in variables.items() if k != "params"})
+    activations, copies = {}, {}
+    for precision in precisions:
+        dtype = engine.COMPUTE_DTYPES[precision]
+        one, two = (_residual_bytes(model, variables, image, b, dtype) for b in (1, 2))
+        activations[precision] = two - one
+        copies[precision] = 0 if dtype is None else param_bytes * jnp.dtype(dtype).itemsize // 4
+    return [
+        StepMemory(
+            optimizer=optimizer,
+            precision=precision,
+            params=param_bytes,
+            gradients=param_bytes,
+            optimizer_state=_nbytes(jax.eval_shape(OPTIMIZERS[optimizer].init, params)),
+            model_state=model_state,
+            compute_copy=copies[precision],
+            input_per_image=math.prod(image) + 4,  # the uint8 image and its int32 label
+            activations_per_image=activations[precision],
+        )
+        for optimizer in optimizers
+        for precision in precisions
+    ]
 
 
-def compare_with_xla(
+def plan(
     model: nn.Module, input_shape: Sequence[int], optimizer: str = "adam", precision: str = "fp32"
-) -> dict[str, float]:
-    """The plan at `input_shape[0]` images against the compiled engine training step's buffers
-    (arguments + outputs + temporaries - donated), in MB. Compiles."""
+) -> StepMemory:
+    """The memory of a training step of `model` with one optimizer and precision."""
+    (step,) = plans(model, input_shape, (optimizer,), (precision,))
+    return step
+
+
+def compare_with_xla(model: nn.Module, input_shape: Sequence[int], step: StepMemory) -> dict:
+    """The plan `step` at `input_shape[0]` images against the compiled engine training step's
+    buffers (arguments + outputs + temporaries - donated), in MB. Compiles."""
     batch, image = input_shape[0], tuple(input_shape[1:])
-    estimate = plan(model, input_shape, optimizer, precision)
-    tx = OPTIMIZERS[optimizer]
+    tx = OPTIMIZERS[step.optimizer]
     state = jax.eval_shape(
         lambda r: engine.create_train_state(model, tx, (1, *image), r), jax.random.key(0)
     )
@@ -137,13 +154,12 @@ def compare_with_xla(
         "image": jax.ShapeDtypeStruct((batch, *image), jnp.uint8),
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
     }
-    dtype = None if precision == "fp32" else DTYPES[precision]
 
-    def step(state, batch_, rng):
+    def train_step(state, batch_, rng):
         return engine.train_step(state, batch_, rng, preprocess=lambda im: im / 255.0,
-                                 compute_dtype=dtype)  # fmt: skip
+                                 compute_dtype=engine.COMPUTE_DTYPES[step.precision])  # fmt: skip
 
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch_spec, jax.random.key(0))
+    compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch_spec, jax.random.key(0))
     mem = compiled.compile().memory_analysis()
     xla = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -151,7 +167,7 @@ def compare_with_xla(
     )  # fmt: skip
     return {
         "batch_size": batch,
-        "estimate_mb": estimate.total(batch) / MIB,
+        "estimate_mb": step.total(batch) / MIB,
         "xla_mb": xla / MIB,
-        "ratio": xla / estimate.total(batch),
+        "ratio": xla / step.total(batch),
     }

@@ -80,6 +80,7 @@ def from_linen(model: nn.Module, input_shape: Sequence[int]) -> Program:
 def from_nnx(model: Any, input_shape: Sequence[int]) -> Program:
     """The program of an NNX module's call; its `nnx.Param`s are the trainable leaves."""
     from flax import nnx  # imported when used: most models are Linen
+
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     variables = {"params": params, "rest": rest}
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from jax.extend import core
 
+from cnnjax import geometry
 from cnnjax.analysis.fields import AxisWindow, Field, collapse, contiguous, merge, shift
 from cnnjax.analysis.fields import through_window as _through
 from cnnjax.errors import CnnjaxError
@@ -38,6 +39,8 @@ WINDOWS = {
     "reduce_window": "pool",
 }
 UNKNOWN = "receptive field unknown"  # starts the note of a step that loses the receptive field
+UNCOUNTED = "MACs not counted"  # starts the note of a step whose multiply-adds no rule counts
+FOREIGN = frozenset({"ffi_call", "custom_call", "pure_callback", "io_callback"})
 
 
 class AnalysisError(CnnjaxError, RuntimeError):
@@ -62,18 +65,18 @@ def _avals(eqn: core.JaxprEqn) -> list:
     return [v.aval for v in eqn.invars]
 
 
-def _same_shape(eqn, fields: Sequence[Field | None], field_: Field | None, label=None) -> Effect:
+def _same_shape(eqn, field_: Field | None, label: str | None) -> Effect:
     return Effect([field_] * len(eqn.outvars), label=label)
 
 
 def _unary(eqn, fields, layer, same_source) -> Effect:
-    return _same_shape(eqn, fields, fields[0], eqn.primitive.name)
+    return _same_shape(eqn, fields[0], eqn.primitive.name)
 
 
 def _nary(eqn, fields, layer, same_source) -> Effect:
     data = [f for f in fields if f is not None]
     if len(data) == 1:
-        return _same_shape(eqn, fields, data[0], _label_one(eqn, fields))
+        return _same_shape(eqn, data[0], _label_one(eqn, fields))
     merged, notes = merge(data, same_source)
     return Effect([merged], label=eqn.primitive.name, notes=notes)
 
@@ -90,7 +93,7 @@ def _label_one(eqn, fields) -> str | None:
 
 
 def _reduction(eqn, fields, layer, same_source) -> Effect:
-    (shape,) = [a.shape for a in _avals(eqn)[:1]]
+    shape = eqn.invars[0].aval.shape
     axes = tuple(eqn.params["axes"])
     out = collapse(fields[0], axes, shape)
     spatial = any(fields[0].axes[a] is not None for a in axes)
@@ -100,10 +103,10 @@ def _reduction(eqn, fields, layer, same_source) -> Effect:
 def _window_effect(field_: Field, shape, windows: list[AxisWindow], out_shape, layer) -> Effect:
     """A sliding window over every array axis: output sizes checked against the formula."""
     for size, w, got in zip(shape, windows, out_shape, strict=True):
-        if not w.identity and w.output_size(size, layer) != got:
+        if not w.identity and (formula := w.output_size(size, layer)) != got:
             raise AnalysisError(
-                f"layer {layer!r}: the formula gives output length {w.output_size(size, layer)} "
-                f"for an input of {size} and window {w}, the trace {got}"
+                f"layer {layer!r}: the formula gives output length {formula} for an input of "
+                f"{size} and window {w}, the trace {got}"
             )
     out, notes = _through(field_, windows)
     axes = field_.axes
@@ -121,7 +124,7 @@ def unfit(windows: dict[int, AxisWindow], sizes: dict[int, int]) -> list[str]:
         size = sizes[a]
         if (dropped := w.dropped(size)) <= 0:
             continue
-        eff = w.dilation * (w.kernel - 1) + 1
+        eff = geometry.effective_kernel(w.kernel, w.dilation)
         value = (size - eff + sum(w.pad)) / w.stride + 1
         formula = (
             f"({size} - {eff} + {w.pad[0]} + {w.pad[1]})/{w.stride} + 1 = {value:.4g}, floored "
@@ -217,9 +220,8 @@ def _dot_general(eqn, fields, layer, same_source) -> Effect:
     features = None
     if fields[1] is None and len(rhs.shape) == 2 and len(rc) == 1 and not rb:
         features = (contracted, rhs.shape[1 - rc[0]])  # x @ W with a parameter W
-    effect = Effect([out], macs=math.prod(out_shape) * contracted, label=label, notes=notes)
-    effect.features = features
-    return effect
+    macs = math.prod(out_shape) * contracted
+    return Effect([out], macs=macs, label=label, notes=notes, features=features)
 
 
 def collapse_keep(f: Field, axes: Sequence[int], shape: Sequence[int]) -> Field:
@@ -387,4 +389,20 @@ def apply(eqn: core.JaxprEqn, fields: Sequence[Field | None], layer: str, same: 
             f"{UNKNOWN} from `{eqn.primitive.name}` in {layer!r} on: {why}; the table shows "
             "none for the layers after it"
         ]
+    if rule is _no_rule and (eqn.primitive.name in FOREIGN or _has_body(eqn)):
+        effect.notes.append(
+            f"{UNCOUNTED} inside `{eqn.primitive.name}` in {layer!r} (a loop, a branch or a "
+            "call cnnjax.analysis does not enter): the MACs of this layer and the totals are a "
+            "lower bound"
+        )
     return effect
+
+
+def _has_body(eqn: core.JaxprEqn) -> bool:
+    """True when `eqn` runs a program of its own (a scan, while or cond body)."""
+    bodies = (core.Jaxpr, core.ClosedJaxpr)
+    return any(
+        isinstance(v, bodies)
+        or (isinstance(v, tuple | list) and any(isinstance(b, bodies) for b in v))
+        for v in eqn.params.values()
+    )

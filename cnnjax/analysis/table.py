@@ -16,7 +16,7 @@ from cnnjax import geometry
 from cnnjax.analysis import program as programs
 from cnnjax.analysis.calls import innermost_call
 from cnnjax.analysis.fields import AxisWindow, Field
-from cnnjax.analysis.rules import UNKNOWN, AnalysisError, unfit
+from cnnjax.analysis.rules import UNCOUNTED, UNKNOWN, AnalysisError, unfit
 from cnnjax.analysis.walk import Step, Value, walk
 from cnnjax.geometry import MIB, RF, GeometryError, Pair
 
@@ -228,9 +228,10 @@ def build_rows(program: programs.Program, steps: Sequence[Step], batch: int) -> 
             warnings=tuple(dict.fromkeys(notes)),
             in_place=in_place,
         )
-        bias = _bias_adds(g.steps, program)
-        if not shared:
-            _check_params(row, g.steps, program, bias > 0)
+        core = _core(g.steps, program)
+        if core is not None and not shared:
+            _check_params(row, *core)
+        bias = math.prod(core[0].out_shape[1:]) if core and core[1] else 0  # one per output
         rows.append(dataclasses.replace(row, bias_adds=bias))
     return rows
 
@@ -247,21 +248,12 @@ def _core(steps: Sequence[Step], program: programs.Program) -> tuple[Step, set[i
     return cores[0], others
 
 
-def _bias_adds(steps: Sequence[Step], program: programs.Program) -> int:
-    """Per image, the additions of a conv or dense layer's bias: one per output value."""
-    core = _core(steps, program)
-    if core is None or not core[1]:
-        return 0
-    return math.prod(core[0].out_shape[1:])  # every output value gets its feature's bias
-
-
-def _check_params(row: Row, steps: Sequence[Step], program: programs.Program, bias: bool) -> None:
-    """A row of one conv or dense layer: the formula's parameter count against its variables."""
-    core = _core(steps, program)
-    if core is None or row.state:
+def _check_params(row: Row, core_: Step, bias_leaves: set[int]) -> None:
+    """A row of one conv or dense layer (`core_`, with a bias when `bias_leaves`): the formula's
+    parameter count against its variables."""
+    if row.state:
         return
-    core_, _ = core
-    cin, out = core_.features
+    cin, out, bias = *core_.features, bool(bias_leaves)
     if core_.primitive == "conv_general_dilated" and row.kernel is not None:
         expected = geometry.conv_params(row.kernel, cin, out, row.groups or 1, bias, row.name)
     elif core_.primitive == "dot_general":
@@ -399,8 +391,8 @@ def _totals(rows: list[Row], program: programs.Program, input_shape, batch_size:
 
 def _model_warnings(model: Any, rows: list[Row], program: programs.Program) -> list[str]:
     """Whole-model warnings: variables the forward pass never reads, receptive fields made
-    unknown, a last spatial layer that cannot see the whole input, and a flatten whose size
-    differs from the one at the model's declared input size."""
+    unknown, multiply-adds not counted, a last spatial layer that cannot see the whole input,
+    and a flatten whose size differs from the one at the model's declared input size."""
     out: list[str] = []
     used = sum(r.params + r.state for r in rows)
     total = sum(leaf.size for leaf in program.leaves)
@@ -409,7 +401,7 @@ def _model_warnings(model: Any, rows: list[Row], program: programs.Program) -> l
             f"{total - used:,} of the model's {total:,} parameters are never read by its forward "
             "pass (counted in the totals, in no row)"
         )
-    out += [w for r in rows for w in r.warnings if w.startswith(UNKNOWN)]
+    out += [w for r in rows for w in r.warnings if w.startswith((UNKNOWN, UNCOUNTED))]
     spatial = [r for r in rows if r.spatial]
     in_hw = rows[0].input_shape[1:3] if rows else ()
     if spatial and spatial[-1].rf is not None:

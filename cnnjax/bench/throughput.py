@@ -147,5 +147,3 @@ def measure(cfg: DictConfig, model_name: str) -> dict:
         result["eval_ratio"] = round(result["cnnjax_eval_img_s"] / result["torch_eval_img_s"], 3)
     result["mfu"] = None  # against the device's peak: on GPUs only (not measured on CPU)
     return result
-
-
