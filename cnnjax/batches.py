@@ -50,6 +50,19 @@ def make_preprocess(
     return preprocess, "; ".join(steps) or "none (the dataset already fits the model)"
 
 
+def channel_stats(images_NxHxWxC: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std of uint8 images scaled to [0, 1] (float64 sums, a chunk of
+    images at a time)."""
+    sums = np.zeros((2, images_NxHxWxC.shape[-1]))
+    for start in range(0, len(images_NxHxWxC), chunk):
+        x = images_NxHxWxC[start : start + chunk].astype(np.float64) / 255.0
+        sums += [x.sum(axis=(0, 1, 2)), np.square(x).sum(axis=(0, 1, 2))]
+    count = images_NxHxWxC.size / images_NxHxWxC.shape[-1]
+    mean = sums[0] / count
+    std = np.sqrt(np.maximum(sums[1] / count - mean**2, 0.0))
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
 def make_augment(crop_padding: int = 0, flip: bool = False) -> Callable | None:
     """On-device augmentation of a uint8 NHWC batch: a random crop of the image zero-padded by
     `crop_padding` on each side, and a random horizontal flip; None when both are off."""

@@ -20,7 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnnjax.errors import CnnjaxError
+from cnnjax import folders
+from cnnjax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,10 @@ IDX_FILES = {
 _IDX_MAGIC = {0x0801: 1, 0x0803: 3}  # unsigned bytes, 1-d labels / 3-d images
 
 
-class DataError(CnnjaxError, RuntimeError):
-    """A dataset that cannot be found or prepared; the message says how to get it."""
-
-
 class Split(NamedTuple):
     images_NxHxWxC: np.ndarray  # uint8
     labels_N: np.ndarray  # int32
+    files_N: np.ndarray | None = None  # str: each image's file, where the data records it
 
 
 # ---------------------------------------------------------------- IDX files and their builder
@@ -196,7 +194,9 @@ def missing_idx_message(name: str, source_dir: str, apt_package: str | None) -> 
 class Dataset(NamedTuple):
     train: Split
     test: Split
-    source: str  # what it was prepared from: "idx sha256:<digest>" or "tfds <name>"
+    source: str  # what it was prepared from: "idx sha256:<digest>", "image_folder sha256:<digest>"
+    # or "tfds <name>"
+    class_names: list[str]  # the label feature's (the indices where the data names none)
 
 
 @contextlib.contextmanager
@@ -216,6 +216,21 @@ def preparation_lock(data_dir: Path, name: str) -> Iterator[None]:
         yield
 
 
+def _prepared(builder: type, config: tfds.core.BuilderConfig, splits, data_dir: Path) -> list:
+    """The data sources of `splits` of `builder` with `config`, prepared first when they are not
+    (one process at a time); a read-only data directory that holds them works too."""
+    name = tfds.core.naming.camelcase_to_snakecase(builder.__name__)
+    kw = {
+        "data_dir": str(data_dir),
+        "builder_kwargs": {"config": config, "file_format": "array_record"},
+    }
+    prepared = data_dir / name / config.name / str(builder.VERSION) / "dataset_info.json"
+    if prepared.is_file():
+        return [tfds.data_source(name, split=split, **kw) for split in splits]
+    with preparation_lock(data_dir, f"{name}-{config.name}"):
+        return [tfds.data_source(name, split=split, **kw) for split in splits]
+
+
 def _idx_source(
     name: str, splits: tuple[str, str], data_dir: Path, source_dir: Path, apt_package: str | None
 ) -> tuple[list, str]:
@@ -226,13 +241,23 @@ def _idx_source(
     check_idx_files(source_dir)
     digest = idx_digest(source_dir)
     config = IdxConfig(name=f"{name}_{digest[:16]}", source_dir=str(source_dir), digest=digest)
-    builder = {"config": config, "file_format": "array_record"}
-    kw = {"data_dir": str(data_dir), "builder_kwargs": builder}
-    prepared = data_dir / "idx_images" / config.name / str(IdxImages.VERSION) / "dataset_info.json"
-    if prepared.is_file():  # read-only data directories work too
-        return [tfds.data_source("idx_images", split=split, **kw) for split in splits], digest
-    with preparation_lock(data_dir, f"idx_images-{config.name}"):
-        return [tfds.data_source("idx_images", split=split, **kw) for split in splits], digest
+    return _prepared(IdxImages, config, splits, data_dir), digest
+
+
+def _folder_source(
+    name: str, splits: tuple[str, str], data_dir: Path, source_dir: Path, settings: dict
+) -> tuple[list, str]:
+    """The TFDS data sources of an image folder, prepared first (once per content and
+    `settings`: image_size, channels, test_fraction, split_seed), and their digest."""
+    files = folders.plan(source_dir, settings["test_fraction"], settings["split_seed"])
+    if files.ignored:
+        log.info("%s: %d files that are not %s images are ignored", source_dir, files.ignored,
+                 "/".join(s[1:].upper() for s in folders.SUFFIXES))  # fmt: skip
+    digest = folders.digest(source_dir, files, settings)
+    config = folders.FolderConfig(
+        name=f"{name}_{digest[:16]}", source_dir=str(source_dir), digest=digest, **settings
+    )
+    return _prepared(folders.FolderImages, config, splits, data_dir), digest
 
 
 def _tfds_source(name: str, splits: tuple[str, str], data_dir: Path) -> list:
@@ -256,29 +281,45 @@ def load(
     source_dir: str | None = None,
     splits: tuple[str, str] = ("train", "test"),
     apt_package: str | None = None,
+    folder: dict | None = None,
 ) -> Dataset:
     """The train and test splits as uint8 NHWC images and int32 labels, read with
     `tfds.data_source`.
 
-    With `source_dir`, the IDX files there are prepared first (once for their content) as
-    `idx_images/<name>_<digest>`; without it, `name` is a TFDS dataset already prepared in
-    `data_dir` (array_record).
+    With `source_dir`, the files there are prepared first (once for their content) as
+    `idx_images/<name>_<digest>` (IDX files) or, given the `folder` settings (image_size,
+    channels, test_fraction, split_seed), `folder_images/<name>_<digest>` (an image folder);
+    without it, `name` is a TFDS dataset already prepared in `data_dir` (array_record).
     """
     data_dir = Path(os.path.expanduser(data_dir))
-    if source_dir:
+    if source_dir and folder is not None:
+        sources, digest = _folder_source(name, splits, data_dir, Path(source_dir), folder)
+        origin = f"image_folder sha256:{digest}"
+    elif source_dir:
         sources, digest = _idx_source(name, splits, data_dir, Path(source_dir), apt_package)
         origin = f"idx sha256:{digest}"
     else:
         sources, origin = _tfds_source(name, splits, data_dir), f"tfds {name}"
     train, test = (_arrays(source) for source in sources)
-    return Dataset(train, test, origin)
+    names = list(sources[0].dataset_info.features["label"].names)
+    return Dataset(train, test, origin, names)
 
 
 def _arrays(source) -> Split:
     records = source.__getitems__(range(len(source)))
+    if not records:
+        return Split(np.zeros((0, *source.dataset_info.features["image"].shape), np.uint8),
+                     np.zeros((0,), np.int32))  # fmt: skip
     images = np.stack([r["image"] for r in records]).astype(np.uint8)
     labels = np.array([r["label"] for r in records], dtype=np.int32)
-    return Split(images, labels)
+    files = None
+    if "file" in records[0]:
+        files = np.array([_text(r["file"]) for r in records])
+    return Split(images, labels, files)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def check_fits(split: Split, what: str, image_size: int, channels: int, num_classes: int) -> None:

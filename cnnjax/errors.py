@@ -16,6 +16,10 @@ class ConfigError(CnnjaxError, ValueError):
     """A setting whose value cannot work."""
 
 
+class DataError(CnnjaxError, RuntimeError):
+    """A dataset or image that cannot be found, read or prepared; the message says how to fix it."""
+
+
 class RunDirError(CnnjaxError):
     """A run directory that cannot be used as asked (not a run, no readable checkpoint)."""
 

@@ -382,7 +382,7 @@ class Loop:
 
     def _epochs(self) -> None:
         s, rows = self.s, parallel.process_rows(self.lay, self.s.batch_size)
-        images, labels = self.train_split
+        images, labels = self.train_split.images_NxHxWxC, self.train_split.labels_N
         plan = batches.epoch_plan(s.seed, len(labels), s.batch_size, s.total_steps, self.step)
         for epoch, indices in plan:
             if self._finished():  # resumed from the final checkpoint, or the target was reached

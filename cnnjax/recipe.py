@@ -27,8 +27,10 @@ DEFINING = (
     "model", "dataset", "optimizer", "schedule", "trainer.batch_size", "trainer.seed",
     "trainer.precision", "trainer.label_smoothing", "trainer.grad_clip_norm",
 )  # fmt: skip
+# Not defining either: where the data is and how it is named (`dataset.source` is its content,
+# which also says whether it is IDX files or an image folder).
 LOCATION = ("dataset.name", "dataset.data_dir", "dataset.source_dir", "dataset.apt_package",
-            "dataset.class_names")  # fmt: skip
+            "dataset.class_names", "dataset.source_format")  # fmt: skip
 
 
 class Recipe(NamedTuple):
@@ -39,6 +41,8 @@ class Recipe(NamedTuple):
     test_split: data.Split
     preprocess: Callable[[jnp.ndarray], jnp.ndarray]  # uint8 images -> the model's input
     adaptation: str  # what `preprocess` does beyond scaling and normalising, in words
+    normalisation: dict[str, list[float]]  # the per-channel "mean" and "std" `preprocess` uses
+    class_names: list[str]  # one per class
     table: analysis.Analysis
     schedule: optax.Schedule
     state: engine.TrainState  # weights from `trainer.seed`
@@ -69,27 +73,47 @@ def definition(cfg: DictConfig, source: str) -> dict:
     return flat | {"dataset.source": source}
 
 
-def load_dataset(cfg: DictConfig) -> data.Dataset:
-    """The train and test splits named by the dataset config, checked against it (image size,
-    channels, labels below num_classes)."""
-    ds = cfg.dataset
+def load_dataset(ds: DictConfig) -> data.Dataset:
+    """The train and test splits the dataset config `ds` names, checked against it (not empty,
+    image size, channels, labels below num_classes)."""
     source_dir = os.path.expanduser(ds.source_dir) if ds.source_dir else None
     splits = (ds.train_split, ds.test_split)
-    dataset = data.load(ds.name, ds.data_dir, source_dir, splits, ds.apt_package)
+    folder = None
+    if ds.get("source_format") == "image_folder":
+        keys = ("image_size", "channels", "test_fraction", "split_seed")
+        folder = {k: ds[k] for k in keys}
+    dataset = data.load(ds.name, ds.data_dir, source_dir, splits, ds.apt_package, folder)
     for split, what in zip(dataset[:2], splits, strict=True):
+        if not len(split.labels_N):
+            raise data.DataError(
+                f"The {ds.name} {what} split holds no examples ({dataset.source}): give it some."
+            )
         data.check_fits(split, f"{ds.name} {what}", ds.image_size, ds.channels, ds.num_classes)
     return dataset
 
 
-def class_names(dataset: DictConfig) -> list[str]:
-    """The dataset config's `class_names` when it has one per class, else the indices."""
-    names = dataset.get("class_names")
-    if names and len(names) == dataset.num_classes:
-        return [str(n) for n in names]
-    return [str(k) for k in range(dataset.num_classes)]
+def class_names(ds: DictConfig, data_names: list[str]) -> list[str]:
+    """The dataset config's `class_names` when it has one per class, else the data's own
+    `data_names` (an image folder's class folders) when they are, else the indices."""
+    for names in (ds.get("class_names"), data_names):
+        if names and len(names) == ds.num_classes:
+            return [str(n) for n in names]
+    return [str(k) for k in range(ds.num_classes)]
 
 
-def data_facts(split: data.Split, ds: DictConfig) -> str:
+def normalisation(ds: DictConfig, train: data.Split) -> dict[str, list[float]]:
+    """The dataset config's per-channel mean and std; where either is null, the training
+    images' own (scaled to [0, 1])."""
+    if ds.mean is not None and ds.std is not None:
+        return {"mean": list(ds.mean), "std": list(ds.std)}
+    mean, std = batches.channel_stats(train.images_NxHxWxC)
+    return {
+        "mean": list(ds.mean) if ds.mean is not None else mean,
+        "std": list(ds.std) if ds.std is not None else std,
+    }
+
+
+def data_facts(split: data.Split, ds: DictConfig, norm: dict[str, list[float]]) -> str:
     """The labels and the normalisation, in words, each named a suspect when it looks wrong:
     what a run that diverges in its first steps reports besides the learning rate."""
     classes = np.unique(split.labels_N)
@@ -97,12 +121,12 @@ def data_facts(split: data.Split, ds: DictConfig) -> str:
     labels += f"dataset.num_classes={ds.num_classes}"
     if len(classes) < 2:
         labels += " (SUSPECT: one class only)"
-    mean, std = np.asarray(ds.mean, np.float64), np.asarray(ds.std, np.float64)
+    mean, std = np.asarray(norm["mean"], np.float64), np.asarray(norm["std"], np.float64)
     low, high = float(np.min(-mean / std)), float(np.max((1 - mean) / std))
-    norm = f"dataset.mean/std map pixels to [{low:.3g}, {high:.3g}]"
+    text = f"dataset.mean/std map pixels to [{low:.3g}, {high:.3g}]"
     if max(-low, high) > 10:  # standardised data lies within a few units of 0
-        norm += " (SUSPECT: set them to the training images' mean and std, per channel)"
-    return f"{labels}; {norm}"
+        text += " (SUSPECT: set them to the training images' mean and std, per channel)"
+    return f"{labels}; {text}"
 
 
 def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
@@ -110,10 +134,12 @@ def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
     convolutions with `conv_backend` ("xla" or "onednn", see `onednn.resolve`)."""
     t, ds = cfg.trainer, cfg.dataset
     model = instantiate(cfg.model)
-    train_split, test_split, source = load_dataset(cfg)
+    dataset = load_dataset(ds)
+    train_split, test_split = dataset.train, dataset.test
+    norm = normalisation(ds, train_split)
     shape = models.input_shape(model)
     source_hwc = train_split.images_NxHxWxC.shape[1:]
-    preprocess, adaptation = batches.make_preprocess(source_hwc, shape[1:], ds.mean, ds.std)
+    preprocess, adaptation = batches.make_preprocess(source_hwc, shape[1:], **norm)
 
     n_train = len(train_split.labels_N)
     steps_per_epoch = n_train // t.batch_size
@@ -155,9 +181,10 @@ def prepare(cfg: DictConfig, conv_backend: str = "xla") -> Recipe:
         schedule=schedule,
         target_accuracy=t.target_accuracy,
         progress_bar=t.progress,
-        data_facts=data_facts(train_split, ds),
+        data_facts=data_facts(train_split, ds, norm),
     )
     return Recipe(
-        model, train_split, test_split, preprocess, adaptation, table, schedule, state, rng,
-        train_step, eval_step, settings, definition(cfg, source),
+        model, train_split, test_split, preprocess, adaptation, norm,
+        class_names(ds, dataset.class_names), table, schedule, state, rng, train_step, eval_step,
+        settings, definition(cfg, dataset.source),
     )  # fmt: skip

@@ -9,11 +9,24 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from jax.experimental.compilation_cache import compilation_cache
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cnnjax.errors import ConfigError
+from cnnjax import folders
+from cnnjax.errors import ConfigError, DataError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # every command's configs
+
+
+def _class_count(source_dir: str | None) -> int | None:
+    """${cnnjax.classes:<folder>}: the number of class folders of an image folder; None when
+    it cannot be counted (the training config's checks then say why)."""
+    try:
+        return folders.count_classes(source_dir)
+    except DataError:
+        return None
+
+
+OmegaConf.register_new_resolver("cnnjax.classes", _class_count, replace=True)
 
 
 def compose(config_name: str, overrides: list[str] = ()) -> DictConfig:

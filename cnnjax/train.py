@@ -156,6 +156,8 @@ def train_and_evaluate(
         "macs": totals.macs,
         "receptive_field": list(final.rf) if final.rf else None,  # None: unknown
         "input_adaptation": r.adaptation,
+        "normalisation": r.normalisation,
+        "class_names": r.class_names,
         **results,
     }
 

@@ -3,10 +3,12 @@ value of the right type and range, with the key, the value and an example of a g
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cnnjax import folders
 from cnnjax.errors import ConfigError
 
 Check = Callable[[Any], bool]
@@ -73,8 +75,16 @@ RULES: dict[str, tuple[Check, str, str]] = {
     "dataset.num_classes": (_whole(2), "a whole number of at least 2", "10"),
     "dataset.image_size": (_whole(1), "a whole number of pixels, at least 1", "28"),
     "dataset.channels": (_whole(1), "a whole number of at least 1", "1"),
-    "dataset.mean": (_numbers(_number(-math.inf)), "a list of numbers, one per channel", "[0.5]"),
-    "dataset.std": (_numbers(_number(0)), "a list of numbers above 0, one per channel", "[0.25]"),
+    "dataset.mean": (
+        _optional(_numbers(_number(-math.inf))),
+        "null (the training images' own) or a list of numbers, one per channel",
+        "[0.5]",
+    ),
+    "dataset.std": (
+        _optional(_numbers(_number(0))),
+        "null (the training images' own) or a list of numbers above 0, one per channel",
+        "[0.25]",
+    ),
     "distributed.devices": (_devices, "all, per_job or a device number", "all"),
 }
 # where the key is missing nothing is checked (e.g. an optimizer without weight decay)
@@ -88,6 +98,11 @@ OPTIONAL_RULES: dict[str, tuple[Check, str, str]] = {
     "dataset.augment.crop_padding": (_whole(0), "a whole number of pixels, at least 0", "2"),
     "dataset.augment.flip": (_flag, "true or false", "true"),
     "schedule.warmup_steps": (_whole(0), "a whole number of steps, at least 0", "100"),
+    "dataset.source_format": (_one_of("idx", "image_folder"), "idx or image_folder", "idx"),
+    "dataset.test_fraction": (
+        lambda v: _number(0, 1)(v) and v < 1, "a number in (0, 1)", "0.2"
+    ),
+    "dataset.split_seed": (_whole(0), "a whole number of at least 0", "0"),
 }
 
 
@@ -97,12 +112,32 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def problems(cfg: DictConfig) -> list[str]:
-    """What is wrong with a training config, one entry per bad value (none: it is good)."""
+def _image_folder(ds: DictConfig) -> list[str]:
+    """What an image folder config lacks (before its `num_classes`, which counts the folder's
+    class folders, is read); DataError when the folder cannot be used."""
+    if not ds.get("source_dir"):
+        return [
+            "dataset.source_dir=null must be the folder of your images, one sub-folder per class "
+            "(e.g. dataset.source_dir=~/photos)"
+        ]
+    folders.class_names(Path(ds.source_dir).expanduser())  # DataError naming what is wrong
+    if ds.get("channels") not in (1, 3):
+        return [f"dataset.channels={ds.get('channels')} must be 1 (grey) or 3 (RGB) for images"]
+    return []
+
+
+def problems(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """What is wrong with a training config (only its keys starting with `prefix`), one entry
+    per bad value (none: it is good)."""
+    if OmegaConf.select(cfg, "dataset.source_format") == "image_folder" and (
+        found := _image_folder(cfg.dataset)
+    ):
+        return found
     found = []
     rules = RULES | {
         key: rule for key, rule in OPTIONAL_RULES.items() if OmegaConf.select(cfg, key) is not None
     }
+    rules = {key: rule for key, rule in rules.items() if key.startswith(prefix)}
     for key, (check, need, example) in rules.items():
         value = OmegaConf.select(cfg, key, default=None)
         if not check(value):
@@ -118,9 +153,10 @@ def problems(cfg: DictConfig) -> list[str]:
     return found
 
 
-def check(cfg: DictConfig) -> None:
-    """Raise ConfigError naming every bad value of a training config, with the fix."""
-    found = problems(cfg)
+def check(cfg: DictConfig, prefix: str = "") -> None:
+    """Raise ConfigError naming every bad value of a training config (of its keys starting with
+    `prefix`, e.g. "dataset."), with the fix."""
+    found = problems(cfg, prefix)
     if found:
         several = len(found) > 1
         raise ConfigError(

@@ -125,7 +125,7 @@ BAD_VALUES = [
     ("optimizer.learning_rate=nan", "optimizer.learning_rate=nan must be"),
     ("optimizer.learning_rate=inf", "optimizer.learning_rate=inf must be"),
     ("optimizer.learning_rate=fast", "optimizer.learning_rate='fast' must be"),
-    ("dataset.std=[0]", "dataset.std=[0] must be a list of numbers above 0"),
+    ("dataset.std=[0]", "dataset.std=[0] must be null (the training images' own) or a list of"),
     ("dataset.std=[0.3,0.3]", "dataset.std has 2 values for 1 channels"),
     ("dataset.num_classes=1", "dataset.num_classes=1 must be a whole number of at least 2"),
     ("trainer.precision=fp16", "trainer.precision='fp16' must be fp32 or bf16"),

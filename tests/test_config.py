@@ -53,10 +53,17 @@ def test_optimizer_and_schedule_configs_instantiate(compose_cfg, opt, sched):
 
 
 @pytest.mark.parametrize("name", options("dataset"))
-def test_dataset_configs_compose(compose_cfg, name):
-    ds = compose_cfg(f"dataset={name}").dataset
-    assert len(ds.mean) == len(ds.std) in (1, ds.channels)
+def test_dataset_configs_compose(compose_cfg, name, tmp_path):
+    for cls in ("cats", "dogs", "emus"):  # an image folder's classes are its sub-folders
+        (tmp_path / cls).mkdir()
+    ds = compose_cfg(f"dataset={name}", f"dataset.source_dir={tmp_path}").dataset
+    if ds.mean is None:  # the training images' own
+        assert ds.std is None
+    else:
+        assert len(ds.mean) == len(ds.std) in (1, ds.channels)
     assert ds.num_classes > 1 and ds.image_size > 0 and ds.data_dir
+    if name == "image_folder":
+        assert ds.num_classes == 3
 
 
 def test_unknown_model_lists_the_options():

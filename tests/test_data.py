@@ -92,7 +92,8 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 def test_real_fashion_mnist_equals_the_idx_files(tmp_path):
     """The Debian files (`make test` installs dataset-fashion-mnist) through the TFDS builder:
     same sizes, labels, pixels and statistics."""
-    train, test, _ = data.load("fashion_mnist", str(tmp_path), FASHION)
+    train, test, _, names = data.load("fashion_mnist", str(tmp_path), FASHION)
+    assert names == [str(k) for k in range(10)]  # the files name none: the config does
     assert (len(train.labels_N), len(test.labels_N)) == (60_000, 10_000)
     assert train.labels_N[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     raw = gzip.decompress((Path(FASHION) / "t10k-images-idx3-ubyte.gz").read_bytes())

@@ -140,9 +140,10 @@ def test_settings_and_helpers():
         run_pictures.confusion_count(0, 256, 1)
     names = [f"class {k}" for k in range(10)]
     cfg = compose_config("visualize", f"+dataset={{num_classes: 10, class_names: {names}}}")
-    assert recipe.class_names(cfg.dataset) == names
+    assert recipe.class_names(cfg.dataset, ["a"] * 10) == names
     three = compose_config("visualize", "+dataset={num_classes: 3}").dataset
-    assert recipe.class_names(three) == ["0", "1", "2"]
+    assert recipe.class_names(three, ["a", "b"]) == ["0", "1", "2"]
+    assert recipe.class_names(three, ["a", "b", "c"]) == ["a", "b", "c"]
     grid = figures.mosaic(np.ones((5, 3, 3)), cols=2)  # 3 rows of 2, 1-pixel gaps
     assert grid.image.shape == (11, 7) and np.isnan(grid.image[3]).all()
     assert grid.centres == ([1.0, 5.0, 9.0], [1.0, 5.0])

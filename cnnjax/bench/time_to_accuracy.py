@@ -42,7 +42,7 @@ def measure(cfg: DictConfig, model_name: str | None = None) -> dict:
         from cnnjax.bench import reference
 
         reference.check(train_cfg)  # refuse before anything trains
-    recipe.load_dataset(train_cfg)  # prepared (TFDS) and in the page cache before either side
+    recipe.load_dataset(train_cfg.dataset)  # prepared and in the page cache before either side
     run, summary = _train_cnnjax(overrides)
     result = {
         "mode": "time_to_accuracy",

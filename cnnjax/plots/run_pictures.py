@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 
-from cnnjax import analysis, batches, onednn, probe, recipe, rundir, trained
+from cnnjax import analysis, batches, onednn, probe, rundir, trained
 from cnnjax.data import Split
 from cnnjax.errors import ConfigError
 from cnnjax.plots.figures import DPI, FIGSIZE, Mosaic, grid_columns, mosaic, new_figure
@@ -280,9 +280,9 @@ def draw(
     maps, stages = probe.feature_maps(r.model, variables, x, backend)
     maps = {name: np.asarray(m[..., :channels]) for name, m in maps.items()}
     gradient = probe.unit_gradient(r.model, variables, x[:1], row.name, unit, backend)
-    predicted = probe.predictions(
-        r.state.apply_fn, variables, r.preprocess, subset, batch_size, backend
-    )
+    predicted = probe.logits(
+        r.state.apply_fn, variables, r.preprocess, subset.images_NxHxWxC, batch_size, backend
+    ).argmax(-1)
     written = _Written([
         f"warning: checkpoint {step} cannot be read ({why}); the pictures are of step {run.step}"
         for step, why in sorted(run.unreadable.items())
@@ -352,6 +352,6 @@ def _confusion_picture(
         f"{run.cfg.dataset.name} test split ({of} {n_test:,} images), step {run.step}: "
         f"accuracy {np.trace(matrix) / n:.4f}"
     )
-    draw_confusion(out / "confusion.png", matrix, recipe.class_names(run.cfg.dataset), title)
+    draw_confusion(out / "confusion.png", matrix, run.recipe.class_names, title)
     written.add(out / "confusion.png")
     written.lines.append(f"confusion matrix: {title}")
