@@ -12,7 +12,7 @@ setup: $(VENV)/.installed onednn
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,torch,onednn]'
+	$(PY) -m pip install --quiet -e '.[dev,torch,onednn,onnx]'
 	touch $@
 
 # cnnjax/_onednn.so: oneDNN's convolutions as XLA custom calls (see cnnjax/onednn.py), against

@@ -35,8 +35,12 @@ class Flatten(nn.Module):
 
 
 def _pool_padding(padding: int | str | tuple) -> str | tuple:
-    """'SAME'/'VALID' as they are; an int or per-axis pairs as ((top, bottom), (left, right))."""
-    return padding if isinstance(padding, str) else pads2d(padding)
+    """'SAME'/'VALID' as they are, no padding as 'VALID' (what exporters such as jax2onnx
+    convert), other ints or per-axis pairs as ((top, bottom), (left, right))."""
+    if isinstance(padding, str):
+        return padding
+    pads = pads2d(padding)
+    return "VALID" if pads == ((0, 0), (0, 0)) else pads
 
 
 class MaxPool(nn.Module):
@@ -60,7 +64,8 @@ class MaxPool(nn.Module):
         k = self.window
         if stride == k and self.padding in (0, "VALID") and min(h, w) >= k:
             return tiled_max_pool(x_BxHxWxC[:, : h - h % k, : w - w % k], k)
-        return nn.max_pool(x_BxHxWxC, (k, k), (stride, stride), _pool_padding(self.padding))
+        padding = _pool_padding(self.padding)  # by keyword: exporters patch nn.max_pool so
+        return nn.max_pool(x_BxHxWxC, window_shape=(k, k), strides=(stride,) * 2, padding=padding)
 
 
 def _slices(x_BxHxWxC: jnp.ndarray, k: int) -> list[jnp.ndarray]:
@@ -105,7 +110,8 @@ class AvgPool(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         stride = self.stride or self.window
-        return nn.avg_pool(x, (self.window,) * 2, (stride, stride), _pool_padding(self.padding))
+        window, padding = (self.window,) * 2, _pool_padding(self.padding)  # keywords: as MaxPool
+        return nn.avg_pool(x, window_shape=window, strides=(stride,) * 2, padding=padding)
 
 
 class Add(nn.Module):

@@ -1,5 +1,5 @@
 """What a model computes, probed: every conv's feature map, one unit's input gradient beside its
-receptive field from the analysis table, the predictions and their confusion matrix."""
+receptive field from the analysis table, the logits of images and the confusion matrix."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,21 +92,22 @@ def unit_gradient(
     return np.abs(np.asarray(grad[0])).sum(-1)
 
 
-def predictions(
+def logits(
     apply_fn: Callable,
     variables: dict,
     preprocess: Callable,
-    split: Split,
+    images_NxHxWxC: np.ndarray,
     batch_size: int,
     conv_backend: str = "xla",
 ) -> np.ndarray:
-    """The predicted class of every image of `split`, in eval mode, `batch_size` at a time
-    (the last batch padded, as in evaluation)."""
-    n = len(split.labels_N)
+    """The float32 logits (N, K) of uint8 images, in eval mode, `batch_size` at a time (the last
+    batch padded, as in evaluation)."""
+    n = len(images_NxHxWxC)
     apply_fn = onednn.using(conv_backend, apply_fn)
-    predict = jax.jit(lambda v, images: apply_fn(v, preprocess(images), train=False).argmax(-1))
-    out = [predict(variables, b["image"]) for b in batches.eval_batches(split, min(batch_size, n))]
-    return np.concatenate(jax.device_get(out))[:n]
+    forward = jax.jit(lambda v, images: apply_fn(v, preprocess(images), train=False))
+    split = Split(images_NxHxWxC, np.zeros(n, np.int32))
+    out = [forward(variables, b["image"]) for b in batches.eval_batches(split, min(batch_size, n))]
+    return np.concatenate(jax.device_get(out)).astype(np.float32)[:n]
 
 
 def confusion_matrix(labels_N: np.ndarray, predicted_N: np.ndarray, classes: int) -> np.ndarray:

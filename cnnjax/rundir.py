@@ -154,13 +154,18 @@ class RunWriter:
     def summary(self, **fields) -> None:
         if not self.primary:
             return
-        tmp = self.run_dir / f"{SUMMARY}.tmp"
-        tmp.write_text(json.dumps(fields, indent=2) + "\n")
-        tmp.replace(self.run_dir / SUMMARY)  # atomic: never a half-written summary
+        write_json(self.run_dir / SUMMARY, fields)
 
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+
+
+def write_json(path: Path, content: dict) -> None:
+    """`content` as indented JSON, written whole or not at all (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def read_config(run_dir: Path) -> DictConfig | None:

@@ -114,6 +114,9 @@ def train_and_evaluate(
     conv_backend = onednn.resolve(t.conv_backend, lay.device_count)
     r = recipe.prepare(cfg, conv_backend)
     log.info("input adaptation for %s: %s", type(r.model).__name__, r.adaptation)
+    if cfg.dataset.mean is None or cfg.dataset.std is None:
+        log.info("normalisation from the training images: mean %s, std %s",
+                 r.normalisation["mean"], r.normalisation["std"])  # fmt: skip
     for warning in r.table.warnings:
         log.warning(warning)
     steps = loop.Steps(

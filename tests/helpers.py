@@ -144,3 +144,35 @@ class RunningSum(nn.Module):
         x = jnp.cumsum(x, axis=1) / x.shape[1]
         x = nn.relu(layers.conv(4, 3, name="c2")(x))
         return nn.Dense(self.num_classes, name="fc")(x.mean(axis=(1, 2)))
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_image_folder(root: Path, per_class: int) -> dict[str, list[Path]]:
+    """Fashion-MNIST test images as a folder of image files, one sub-folder per class
+    (T-shirt/top's slash made a dash): PNG and JPEG, grey and RGB, 28x28 and larger, and one
+    corrupt file in the first class. Returns each class folder's files."""
+    from PIL import Image
+
+    from cnnjax import data
+
+    images, labels = data.read_idx_split(FASHION_MNIST, "test")
+    names = [n.replace("/", "-") for n in runtime.compose("train").dataset.class_names]
+    files: dict[str, list[Path]] = {}
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        chosen = np.flatnonzero(labels == k)[:per_class]
+        files[name] = []
+        for i, index in enumerate(chosen):
+            image = Image.fromarray(images[index])
+            kind = i % 4
+            if kind == 1:
+                image = image.convert("RGB")  # grey in three channels
+            if kind == 2:
+                image = image.resize((56, 56), Image.Resampling.BILINEAR)  # a larger file
+            path = root / name / f"{index:05d}.{'jpg' if kind == 3 else 'png'}"
+            image.save(path, quality=95) if kind == 3 else image.save(path)
+            files[name].append(path)
+    (root / names[0] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return files
