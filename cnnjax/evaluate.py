@@ -9,26 +9,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cnnjax import data, recipe, rundir, trained, validation
+from cnnjax import data, rundir, trained, validation
 from cnnjax.errors import ConfigError, reported
 from cnnjax.runtime import CONF_DIR
-
-
-def evaluation_split(run: trained.TrainedRun, cfg: DictConfig) -> tuple[data.Split, str]:
-    """The split `cfg` asks for and its dataset's name: of the run's own dataset, or of
-    `cfg.dataset`, checked to fit the run (image shape, labels below its classes)."""
-    split, dataset = cfg.split, cfg.get("dataset")
-    if split not in ("test", "train"):
-        raise ConfigError(f"split={split!r}: use test or train")
-    if dataset is None:
-        r = run.recipe
-        return (r.test_split if split == "test" else r.train_split), run.cfg.dataset.name
-    validation.check(cfg, prefix="dataset.")
-    loaded = recipe.load_dataset(dataset)
-    chosen = loaded.test if split == "test" else loaded.train
-    ds = run.cfg.dataset
-    data.check_fits(chosen, f"{dataset.name} {split}", ds.image_size, ds.channels, ds.num_classes)
-    return chosen, dataset.name
 
 
 def write_predictions(path: Path, split: data.Split, logits, names: list[str]) -> None:
@@ -46,23 +29,41 @@ def write_predictions(path: Path, split: data.Split, logits, names: list[str]) -
     tmp.replace(path)
 
 
+def output_path(run_dir: Path, out: str | None, other: DictConfig | None, split: str) -> Path:
+    """Where eval.json goes: `out`, else <run_dir>/eval.json for the run's own test split and
+    eval_<dataset>_<split>.json otherwise; never one of the run's own files."""
+    if out:
+        path = Path(out).expanduser()
+    elif other is None and split == "test":
+        path = run_dir / "eval.json"
+    else:
+        path = run_dir / f"eval_{(other.name if other is not None else 'own')}_{split}.json"
+    if path.suffix != ".json" or path.name in (rundir.CONFIG, rundir.SUMMARY):
+        raise ConfigError(f"out={out}: name a new .json file (the per-image .csv goes beside it)")
+    if not path.parent.is_dir():
+        raise ConfigError(f"out={out}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Entry point; exits with status 2 and the message when the run cannot be evaluated."""
     with reported():
         if not cfg.run_dir:
             raise ConfigError("run_dir=null: pass the directory of a `python -m cnnjax.train` run")
-        run_dir = Path(cfg.run_dir)
+        other = cfg.get("dataset")
+        if other is not None:
+            validation.check(cfg, prefix="dataset.")
+        run_dir = Path(cfg.run_dir).expanduser()
+        out = output_path(run_dir, cfg.out, other, cfg.split)
         run = trained.load(run_dir, cfg.conv_backend)
-        split, name = evaluation_split(run, cfg)
+        split, source = trained.evaluation_split(run, cfg.split, other)
+        name = (other or run.cfg.dataset).name
         batch_size = cfg.batch_size or run.cfg.trainer.eval_batch_size
         result, logits = trained.evaluate(run, split, batch_size)
-        default = "eval.json" if (cfg.get("dataset"), cfg.split) == (None, "test") else (
-            f"eval_{name}_{cfg.split}.json"
-        )  # fmt: skip
-        out = Path(cfg.out) if cfg.out else run_dir / default
         header = {"run_dir": str(run_dir), "checkpoint_step": run.step, "dataset": name,
-                  "split": cfg.split, "conv_backend": run.conv_backend}  # fmt: skip
+                  "source": source, "split": cfg.split,
+                  "conv_backend": run.conv_backend}  # fmt: skip
         rundir.write_json(out, header | result)
         write_predictions(out.with_suffix(".csv"), split, logits, result["class_names"])
     print(

@@ -20,16 +20,17 @@ def main(cfg: DictConfig) -> None:
     with reported():
         if not cfg.run_dir:
             raise ConfigError("run_dir=null: pass the directory of a `python -m cnnjax.train` run")
-        if cfg.format not in exports.FORMATS:
-            raise ConfigError(f"format={cfg.format!r}: choose one of {', '.join(exports.FORMATS)}")
-        run_dir = Path(cfg.run_dir)
+        exports.check_format(cfg.format)
+        if not (isinstance(cfg.check_images, int) and cfg.check_images >= 1):
+            raise ConfigError(f"check_images={cfg.check_images}: use a whole number of at least 1")
+        run_dir = Path(cfg.run_dir).expanduser()
         run = trained.load(run_dir)
         fn, _ = trained.forward(run)
         about = {"run_dir": str(run_dir), "checkpoint_step": run.step,
                  "model": type(run.recipe.model).__name__, "class_names": run.recipe.class_names,
                  "normalisation": run.recipe.normalisation}  # fmt: skip
         images = run.recipe.test_split.images_NxHxWxC[: cfg.check_images]
-        out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export"
+        out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else run_dir / "export"
         path, described = exports.write(fn, images, cfg.format, out_dir, about)
     check = described["check"]
     print(

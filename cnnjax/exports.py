@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class ExportError(CnnjaxError):
 
 FORMATS = {"stablehlo": "model.stablehlo", "onnx": "model.onnx"}  # format -> file name
 PLATFORMS = ("cpu", "cuda", "tpu")  # the StableHLO program is lowered for each
+TOLERANCE = 1e-4  # the largest logit difference from JAX accepted, relative to the largest logit
 ONNX_MISSING = (
     "format=onnx needs the onnx extra: pip install -e '.[onnx]' (jax2onnx, onnx, onnxruntime)"
 )
@@ -62,7 +64,8 @@ def onnx(fn: Callable, image_hwc: tuple[int, ...]) -> bytes:
     images = jax.ShapeDtypeStruct(("B", *image_hwc), jnp.uint8)
     with contextlib.redirect_stdout(io.StringIO()), _quiet("jax2onnx", "onnx_ir"):
         model = to_onnx(fn, [images], return_mode="proto")
-    return model.SerializeToString()
+    del model.graph.value_info[:]  # its shape hints of inner tensors can be wrong: let the
+    return model.SerializeToString()  # runtime infer them
 
 
 @contextlib.contextmanager
@@ -94,31 +97,47 @@ def run_onnx(path: Path, images_NxHxWxC: np.ndarray) -> np.ndarray:
 WRITERS = {"stablehlo": (stablehlo, run_stablehlo), "onnx": (onnx, run_onnx)}
 
 
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
 def write(
     fn: Callable, images_NxHxWxC: np.ndarray, fmt: str, out_dir: Path, about: dict
 ) -> tuple[Path, dict]:
     """`fn` written as `fmt` into `out_dir`, read back and run on `images_NxHxWxC` beside JAX;
     its description (`about`, the input, the output, how to load it and the check) goes into
     the file's name + ".json". Returns the file and the description."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     convert, run = WRITERS[fmt]
     image_hwc = tuple(images_NxHxWxC.shape[1:])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
+    written = path.with_name(path.name + ".tmp")  # replaces `path` once it passed the check
     try:
-        _replace(path, convert(fn, image_hwc))
-        got = run(path, images_NxHxWxC)
+        written.write_bytes(convert(fn, image_hwc))
+        got = run(written, images_NxHxWxC)
     except ConfigError:
         raise
     except Exception as e:  # the converter or the runtime cannot handle this model
-        path.unlink(missing_ok=True)
+        written.unlink(missing_ok=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(
-            f"format={fmt} cannot export this model: {type(e).__name__}: {first[:300]}. "
-            "format=stablehlo exports every model; HYDRA_FULL_ERROR=1 shows the traceback."
+            f"format={fmt} cannot export this model: {type(e).__name__}: {first[:300]}. Nothing "
+            "was written; format=stablehlo exports every model (HYDRA_FULL_ERROR=1: traceback)."
         ) from e
     expected = np.asarray(jax.jit(fn)(images_NxHxWxC))
+    same_shape = got.shape == expected.shape
+    difference = float(np.abs(got - expected).max()) if same_shape else math.inf
+    if not difference <= TOLERANCE * max(1.0, float(np.abs(expected).max())):  # NaN too
+        written.unlink()
+        wrong = f"up to {difference:.3g} away from" if same_shape else f"of shape {got.shape}, not"
+        raise ExportError(
+            f"format={fmt}: the converted model computes logits {wrong} JAX's on "
+            f"{len(images_NxHxWxC)} test images (the converter mis-converts a layer of this "
+            "model). Nothing was written; format=stablehlo exports every model."
+        )
+    written.replace(path)
     description = about | {
         "format": fmt,
         "file": path.name,
@@ -129,7 +148,7 @@ def write(
         "load": LOADERS[fmt],
         "check": {
             "images": len(images_NxHxWxC),
-            "max_abs_diff_from_jax": float(np.abs(got - expected).max()),
+            "max_abs_diff_from_jax": difference,
             "same_top_class": bool((got.argmax(-1) == expected.argmax(-1)).all()),
         },
     }

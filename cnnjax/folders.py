@@ -18,12 +18,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cnnjax.errors import DataError
+from cnnjax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # compared lower-case
 SPLITS = ("train", "test")
+SPLIT_NAMES = {"train", "test", "training", "testing", "val", "valid", "validation"}
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
@@ -55,6 +56,12 @@ def class_names(source_dir: Path) -> list[str]:
         )
     root = source_dir / "train" if has_split_folders(source_dir) else source_dir
     classes = _folders(root)
+    if root == source_dir and (splits := [c for c in classes if c.lower() in SPLIT_NAMES]):
+        raise DataError(
+            f"{source_dir} has the folders {splits}, which look like splits, not classes: name "
+            "the two splits train/ and test/ (each holding one folder per class), or put the "
+            "class folders directly in it."
+        )
     if len(classes) < 2:
         raise DataError(
             f"{root} holds {len(classes)} class folder(s) ({classes}): an image folder needs one "
@@ -76,9 +83,23 @@ def _images(folder: Path) -> tuple[list[Path], int]:
     return images, len(files) - len(images)
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder`, at any depth, sorted."""
-    return _images(folder)[0]
+def image_paths(images: str | list | None) -> list[Path]:
+    """The files `images` names (`~` expanded): a file, a folder (its image files at any depth,
+    sorted) or a list of them."""
+    if not images:
+        raise ConfigError("images=null: name image files or folders, e.g. images=photo.jpg")
+    entries = [images] if isinstance(images, str | Path) else list(images)
+    paths = []
+    for entry in (Path(str(e)).expanduser() for e in entries):
+        if entry.is_dir():
+            paths += _images(entry)[0]
+        elif entry.is_file():
+            paths.append(entry)
+        else:
+            raise DataError(f"images: {entry} does not exist; name image files or folders")
+    if not paths:
+        raise DataError(f"images={entries}: no image files ({', '.join(SUFFIXES)}) there")
+    return paths
 
 
 def plan(source_dir: Path, test_fraction: float, seed: int) -> Plan:
@@ -133,9 +154,12 @@ def digest(source_dir: Path, folder_plan: Plan, settings: dict) -> str:
     for split, files in folder_plan.splits.items():
         for relative, label in files:
             h.update(f"\0{split}\0{relative}\0{label}\0".encode())
-            with (source_dir / relative).open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            try:
+                with (source_dir / relative).open("rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError as e:  # unreadable: the preparation skips it
+                h.update(f"\0unreadable: {e.strerror}".encode())
     return h.hexdigest()
 
 
@@ -204,6 +228,11 @@ class FolderImages(tfds.core.GeneratorBasedBuilder):
                 skipped.append(f"{relative} ({e})")
                 continue
             yield i, {"image": image, "label": label, "file": relative}
+        if files and len(skipped) == len(files):
+            raise DataError(
+                f"{c.source_dir}: none of the {len(files)} {split} files can be read as an image "
+                f"(first: {skipped[0]}): check the files' format and permissions."
+            )
         if skipped:
             log.warning(
                 "%s: skipped %d of the %d %s files, which cannot be read as images: %s",

@@ -24,7 +24,7 @@ from cnnjax import (
     runtime,
 )
 from cnnjax.data import Split
-from cnnjax.errors import RunDirError
+from cnnjax.errors import ConfigError, DataError, RunDirError
 
 
 class TrainedRun(NamedTuple):
@@ -37,10 +37,12 @@ class TrainedRun(NamedTuple):
     conv_backend: str  # "xla" or "onednn": what its steps compute convolutions with
 
 
-def load(run_dir: Path, conv_backend: str = "xla") -> TrainedRun:
+def load(run_dir: Path, conv_backend: str | None = "xla") -> TrainedRun:
     """The run's config, set up as training set it up (with the run's compilation cache, which
     holds training's compilations), and its latest readable checkpoint; its steps compute their
-    convolutions with `conv_backend` ("xla", "onednn" or "auto", see `onednn.resolve`)."""
+    convolutions with `conv_backend` ("xla", "onednn", "auto", see `onednn.resolve`; None: the
+    one the run trained with). RunDirError when the data its config names is not the data it
+    was trained on."""
     if not run_dir.is_dir():
         problem = "is not a directory" if run_dir.exists() else "does not exist"
         raise RunDirError(
@@ -61,6 +63,8 @@ def load(run_dir: Path, conv_backend: str = "xla") -> TrainedRun:
     )
     if not directory.is_dir():
         raise RunDirError(f"{run_dir} has no checkpoints/: the run saved none; {fix}")
+    if conv_backend is None:
+        conv_backend = _trained_backend(run_dir)
     backend = onednn.resolve(conv_backend)
     checkpoints = checkpoint.Checkpoints(directory, cfg.trainer.keep_checkpoints)
     try:
@@ -69,6 +73,13 @@ def load(run_dir: Path, conv_backend: str = "xla") -> TrainedRun:
             raise RunDirError(f"{directory} holds no checkpoint; {fix}")
         runtime.use_compilation_cache(cfg.trainer.compilation_cache_dir)  # training's
         r = recipe.prepare(cfg, backend)
+        changed = loop.differences(checkpoints.recorded_run() or r.definition, r.definition)
+        if changed:  # e.g. files added to its image folder: another split, another normalisation
+            raise RunDirError(
+                f"{run_dir} was trained on other data or settings than its config gives now: "
+                + "; ".join(changed)
+                + ". Restore what it was trained on (the dataset's files), or train a new run."
+            )
         restored = checkpoints.restore_latest(r.state, r.rng)
     finally:
         checkpoints.close()
@@ -79,6 +90,49 @@ def load(run_dir: Path, conv_backend: str = "xla") -> TrainedRun:
     variables = {"params": state.params, **state.model_state}
     unreadable = dict(checkpoints.unreadable)
     return TrainedRun(cfg, r, state, variables, meta["step"], unreadable, backend)
+
+
+def _trained_backend(run_dir: Path) -> str:
+    """The convolution backend the run's summary records ("auto" where it records none)."""
+    try:
+        return (rundir.read_summary(run_dir) or {}).get("conv_backend") or "auto"
+    except ValueError:  # a torn summary
+        return "auto"
+
+
+def evaluation_split(
+    run: TrainedRun, split: str, dataset: DictConfig | None = None
+) -> tuple[Split, str]:
+    """Split `split` ("test" or "train") of the run's own dataset, or of `dataset` (a dataset
+    config), and the dataset's source; `dataset` must have the run's image shape, labels below
+    its class count and, where both name their classes, the same names in the same order."""
+    if split not in ("test", "train"):
+        raise ConfigError(f"split={split!r}: use test or train")
+    r = run.recipe
+    if dataset is None:
+        return (r.test_split if split == "test" else r.train_split), r.definition["dataset.source"]
+    loaded = recipe.load_dataset(dataset)
+    chosen = loaded.test if split == "test" else loaded.train
+    trained_hwc = r.train_split.images_NxHxWxC.shape[1:]
+    if chosen.images_NxHxWxC.shape[1:] != trained_hwc:
+        shape = "x".join(map(str, chosen.images_NxHxWxC.shape[1:]))
+        raise DataError(
+            f"dataset {dataset.name}'s images are {shape}, but the run was trained on "
+            f"{'x'.join(map(str, trained_hwc))} images: give it a dataset of that shape (for an "
+            "image folder, set dataset.image_size and dataset.channels to the run's)."
+        )
+    names, indices = recipe.class_names(dataset, loaded.class_names), [str(k) for k in range(99)]
+    if names != r.class_names and indices[: len(names)] != names:
+        raise DataError(
+            f"dataset {dataset.name}'s classes are {names}, the run's {r.class_names}: labels "
+            "are compared by position, so the two must name the same classes in the same order."
+        )
+    if len(chosen.labels_N) and int(chosen.labels_N.max()) >= len(r.class_names):
+        raise DataError(
+            f"dataset {dataset.name} has labels up to {int(chosen.labels_N.max())}, but the run "
+            f"knows {len(r.class_names)} classes."
+        )
+    return chosen, loaded.source
 
 
 def logits(run: TrainedRun, images_NxHxWxC: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -120,6 +174,21 @@ def probabilities(logits_NxK: np.ndarray) -> np.ndarray:
     z = logits_NxK.astype(np.float64)
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def top_classes(run: TrainedRun, paths: list[Path], top_k: int, batch_size: int) -> dict:
+    """Each readable file's `top_k` classes with their probabilities, and why the others could
+    not be read."""
+    images, read, failed = read_images(run, paths)
+    probs = probabilities(logits(run, images, batch_size)) if read else []
+    names = run.recipe.class_names
+    rows = []
+    for path, p in zip(read, probs, strict=True):
+        best = p.argsort()[::-1][:top_k]
+        rows.append({"file": str(path),
+                     "top": [{"class": names[k], "index": int(k), "probability": float(p[k])}
+                             for k in best]})  # fmt: skip
+    return {"predictions": rows, "unreadable": {str(k): v for k, v in failed.items()}}
 
 
 def read_images(run: TrainedRun, paths: list[Path]) -> tuple[np.ndarray, list[Path], dict]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax import folders
+from cnnjax import data, folders
 from cnnjax.errors import DataError
 
 
@@ -99,6 +99,24 @@ def test_a_folder_that_cannot_work_is_named(tmp_path, make, message):
         root.mkdir(exist_ok=True)
     with pytest.raises(DataError, match=message):
         folders.plan(root, 0.2, seed=0)
+
+
+def test_split_folders_under_other_names_are_refused(tmp_path):
+    for split in ("Train", "val"):
+        for cls in ("cat", "dog"):
+            image(tmp_path / split / cls / "0.png", grey(0))
+    with pytest.raises(DataError, match=r"\['Train', 'val'\], which look like splits"):
+        folders.plan(tmp_path, 0.5, seed=0)
+
+
+def test_a_split_of_unreadable_files_is_refused(tmp_path):
+    for cls in ("a", "b"):
+        for k in range(3):
+            (tmp_path / "photos" / cls).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "photos" / cls / f"{k}.jpg").write_bytes(b"not a jpeg")
+    settings = {"image_size": 8, "channels": 1, "test_fraction": 0.3, "split_seed": 0}
+    with pytest.raises(DataError, match="none of the 4 train files can be read as an image"):
+        data.load("bad", str(tmp_path / "tfds"), str(tmp_path / "photos"), folder=settings)
 
 
 def test_the_digest_follows_content_and_settings(tmp_path):

@@ -5,17 +5,19 @@ asked about the saved files and exported as StableHLO and ONNX."""
 import csv
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
+import jax.numpy as jnp
 import numpy as np
 import onnxruntime  # the onnx extra, which `make test` installs
 import pytest
 from helpers import FASHION_MNIST, command, fashion_image_folder
 
-from cnnjax import data, folders, rundir, trained
+from cnnjax import data, exports, folders, layers, rundir, trained
 
 PER_CLASS = 200  # 2,000 images: 1,600 to train on, 400 to test
 FOLDER_ARGS = ("dataset=image_folder", "dataset.image_size=28", "dataset.channels=1")
@@ -79,10 +81,30 @@ def test_evaluate_equals_the_runs_final_metrics(run_dir, photos, run_command):
     assert (other["accuracy"], other["loss"]) == (result["accuracy"], result["loss"])
 
 
-def test_evaluate_refuses_a_dataset_of_another_shape(run_dir, run_command):
-    done = run_command("evaluate", f"run_dir={run_dir}", "dataset=cifar10")
-    assert done.returncode == 2 and "error: " in done.stderr
-    assert "Traceback" not in done.stderr
+def test_evaluate_refuses_data_the_run_cannot_judge(run_dir, photos, run_command):
+    folder = ("dataset=image_folder", f"dataset.source_dir={photos}")
+    refused(
+        run_command("evaluate", f"run_dir={run_dir}", *folder),  # 32x32 RGB by default
+        "images are 32x32x3, but the run was trained on 28x28x1 images",
+    )
+    refused(  # Fashion-MNIST's IDX files: the same shape, its classes in another order
+        run_command("evaluate", f"run_dir={run_dir}", "dataset=fashion_mnist"),
+        "labels are compared by position",
+    )
+
+
+def test_a_run_whose_data_changed_is_refused(run_dir, photos, tmp_path, run_command):
+    """The folder of a finished run loses a file: its test split and normalisation would be
+    others, so evaluate, predict and export refuse the run."""
+    shutil.copytree(photos, tmp_path / "photos")
+    next((tmp_path / "photos" / "Bag").iterdir()).unlink()
+    shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("export", "eval*"))
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace(str(photos), str(tmp_path / "photos")))
+    refused(
+        run_command("evaluate", f"run_dir={tmp_path / 'run'}"),
+        "was trained on other data or settings than its config gives now: dataset.source:",
+    )
 
 
 def test_predict_agrees_with_evaluate(run_dir, photos, run_command):
@@ -164,8 +186,10 @@ def test_the_folder_is_prepared_once_per_content(photos, tmp_path, caplog):
     assert len(first.train.labels_N) + len(first.test.labels_N) == 10 * PER_CLASS
     assert "skipped 1 of the" in caplog.text and "broken.png" in caplog.text
     assert set(first.test.files_N) & set(first.train.files_N) == set()
+    info = next((tmp_path / "folder_images").glob("*/*/dataset_info.json"))
+    written = info.stat().st_mtime_ns
     again = data.load("photos", str(tmp_path), str(photos), folder=settings)
-    assert again.source == first.source
+    assert again.source == first.source and info.stat().st_mtime_ns == written  # not prepared again
     np.testing.assert_array_equal(again.test.images_NxHxWxC, first.test.images_NxHxWxC)
     reseeded = data.load("photos", str(tmp_path), str(photos), folder=settings | {"split_seed": 1})
     assert reseeded.source != first.source
@@ -209,3 +233,16 @@ def test_the_commands_name_what_they_lack(run_dir, tmp_path, run_command):
     refused(run_command("predict", f"run_dir={run_dir}", f"images={tmp_path}"), "no image files")
     refused(run_command("export", f"run_dir={run_dir}", "format=png"), "format='png'")
     refused(run_command("evaluate", f"run_dir={run_dir}", "split=val"), "split='val'")
+
+
+def test_an_export_the_converter_gets_wrong_is_refused_and_the_earlier_kept(tmp_path):
+    pool = layers.MaxPool(3, 2, padding=1)  # jax2onnx converts 'SAME'/'VALID' pool padding only
+    fn = lambda im: pool.apply({}, im.astype(jnp.float32)).reshape(im.shape[0], -1)  # noqa: E731
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), np.uint8)
+    (tmp_path / "model.onnx").write_bytes(b"an earlier export")
+    with pytest.raises(exports.ExportError, match="Nothing was written"):
+        exports.write(fn, images, "onnx", tmp_path, {})
+    assert (tmp_path / "model.onnx").read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    exports.write(fn, images, "stablehlo", tmp_path, {})  # every model exports as StableHLO
+    assert (tmp_path / "model.stablehlo").stat().st_size > 0
