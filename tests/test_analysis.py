@@ -230,7 +230,7 @@ def _expected(row: analysis.Row, axis: int, unit: int, size: int) -> tuple[int, 
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_receptive_fields_against_gradient_footprints(compose_cfg, name):
-    """For the first and last output unit of every conv, pool and add (of about 24 spread over
+    """For the first and last output unit of every conv, pool and add (of about 12 spread over
     the deepest models): the input pixels whose gradient is non-zero span exactly the receptive
     field the analysis computed."""
     model, result = _analyze(compose_cfg, name)
@@ -240,7 +240,7 @@ def test_receptive_fields_against_gradient_footprints(compose_cfg, name):
     variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.0, s.shape).astype(s.dtype), spec)
     variables = {**variables, "params": jax.tree.map_with_path(_positive, variables["params"])}
     spatial = _spatial(result)
-    every = max(1, len(spatial) // 24)  # at most about 24 rows, spread, and the last
+    every = max(1, len(spatial) // 12)  # at most about 12 rows, spread, and the last
     rows = {r.name: r for r in spatial[::every] + spatial[-1:]}
     x = jax.random.uniform(jax.random.key(1), shape)
     forward = lambda x: _linearised(model, variables, x, set(rows))  # noqa: E731

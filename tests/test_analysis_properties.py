@@ -109,7 +109,7 @@ def _footprint(f, params, shape, unit) -> probe.Box | None:
     return probe.footprint(np.abs(np.asarray(jax.grad(value)(jnp.ones(shape)))).sum(axis=(0, 3)))
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(
     spec=st.lists(layer, min_size=1, max_size=5),
