@@ -228,7 +228,7 @@ def _expected(row: analysis.Row, axis: int, unit: int, size: int) -> tuple[int, 
     return max(int(first), 0), min(int(last), size - 1)
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", [m for m in RUNNABLE if m != "vgg16_small"])  # vgg11's layers
 def test_receptive_fields_against_gradient_footprints(compose_cfg, name):
     """For the first and last output unit of every conv, pool and add (of about 12 spread over
     the deepest models): the input pixels whose gradient is non-zero span exactly the receptive

@@ -19,7 +19,7 @@ from helpers import FASHION_MNIST, command, fashion_image_folder
 
 from cnnjax import data, exports, folders, layers, rundir, trained
 
-PER_CLASS = 200  # 2,000 images: 1,600 to train on, 400 to test
+PER_CLASS = 120  # 1,200 images: 960 to train on, 240 to test
 FOLDER_ARGS = ("dataset=image_folder", "dataset.image_size=28", "dataset.channels=1")
 
 
@@ -66,9 +66,9 @@ def test_evaluate_equals_the_runs_final_metrics(run_dir, photos, run_command):
     assert done.returncode == 0, done.stderr
     result, s = json.loads((run_dir / "eval.json").read_text()), summary(run_dir)
     assert (result["accuracy"], result["loss"]) == (s["test_accuracy"], s["test_loss"])
-    assert result["examples"] == 400 and result["checkpoint_step"] == 300
+    assert result["examples"] == 240 and result["checkpoint_step"] == 300
     matrix = np.array(result["confusion_matrix"])
-    assert matrix.sum() == 400 and np.trace(matrix) / 400 == result["accuracy"]
+    assert matrix.sum() == 240 and np.trace(matrix) / 240 == result["accuracy"]
     per_class = [result["per_class_accuracy"][n] for n in s["class_names"]]
     assert per_class == pytest.approx(np.diag(matrix) / matrix.sum(1))
     assert f"accuracy {s['test_accuracy']:.4f}" in done.stdout
