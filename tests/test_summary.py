@@ -1,11 +1,11 @@
-"""`python -m cnnjax.summary`: every model config, the three formats, and the error path."""
+"""`python -m cnnjax.summary`: every runnable model config, the three formats, the error path."""
 
 import json
 import subprocess
 import sys
 
 import pytest
-from helpers import MODELS, compose_config
+from helpers import RUNNABLE, compose_config
 
 from cnnjax import summary
 
@@ -17,7 +17,7 @@ def _report(name: str, *overrides: str):
     return summary.report(compose_config("summary", f"model={name}", *overrides), name)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", RUNNABLE)  # full-size ones: test_analysis, on their inputs
 def test_json_for_every_model(name):
     out = json.loads(_report(name, "format=json"))
     assert out["model"] == name and out["layers"] and set(out["totals"]) >= TOTAL_KEYS

@@ -80,7 +80,7 @@ def read_events(run_dir: Path) -> list[tuple[int, str, float]]:
 
 def test_same_seed_same_result_and_it_learns(tmp_path, idx_dir, compose_cfg, monkeypatch):
     overrides = [
-        "model=blocknet",
+        "model=mnist_allconv",
         f"dataset.source_dir={idx_dir}",
         "dataset.name=toy",
         "schedule=constant",
@@ -91,7 +91,7 @@ def test_same_seed_same_result_and_it_learns(tmp_path, idx_dir, compose_cfg, mon
     results = []
     for name in ("a", "b"):
         cfg = compose_cfg(*overrides)
-        summary = train.run(cfg, tmp_path / name, "blocknet")
+        summary = train.run(cfg, tmp_path / name, "mnist_allconv")
         results.append(
             (
                 summary["test_accuracy"],
