@@ -192,6 +192,21 @@ def test_shared_weights_are_counted_once():
     check_against_gradient(result, fn, (1, 8, 8, 3))
 
 
+def test_locally_connected_layer_counts_the_multiply_adds_of_its_dot_only():
+    """Flax's ConvLocal extracts patches with a conv of constant 0/1 kernels (a copy, no MACs),
+    then multiplies by a kernel per position; a depthwise conv of the same shape whose kernel is
+    a parameter keeps its MACs."""
+    result, fn = linen(nn.ConvLocal(4, (3, 3), padding=1), (1, 6, 6, 2))
+    (row,) = result.rows
+    assert row.macs == 6 * 6 * (3 * 3 * 2) * 4 == 2_592  # as a conv of the same window
+    assert row.params == 6 * 6 * (3 * 3 * 2 + 1) * 4 and row.groups is None
+    assert row.kernel == (3, 3) and row.rf == (3, 3)
+    check_against_gradient(result, fn, (1, 6, 6, 2))
+    result, _ = linen(nn.Conv(18, (3, 3), padding=1, feature_group_count=2), (1, 6, 6, 2))
+    (row,) = result.rows
+    assert row.macs == 6 * 6 * 3 * 3 * 18 and row.groups == 2
+
+
 class SamePool(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -7,7 +7,7 @@ call-like primitives (`jit`, custom derivatives, remat) are not here: the walker
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jax.extend import core
 
@@ -188,6 +188,30 @@ def _conv(eqn, fields, layer, same_source) -> Effect:
     effect.features = (lhs.shape[lhs_spec[1]], out_shape[out_spec[1]])
     effect.label = "conv_transpose" if any(d > 1 for d in p["lhs_dilation"]) else "conv"
     return effect
+
+
+def extracts_patches(eqn: core.JaxprEqn) -> bool:
+    """A conv with the signature of `lax.conv_general_dilated_patches` (the first step of Flax's
+    `ConvLocal`): one group per input channel, one input channel per group and one output channel
+    per input channel and tap. With a kernel computed from no parameter it copies each window's
+    values into the channels (im2col), and a copy takes no multiply-add."""
+    if eqn.primitive.name != "conv_general_dilated":
+        return False
+    lhs, rhs = _avals(eqn)
+    dn = eqn.params["dimension_numbers"]
+    c_in = lhs.shape[dn.lhs_spec[1]]
+    taps = math.prod(rhs.shape[a] for a in dn.rhs_spec[2:])
+    return (
+        eqn.params["feature_group_count"] == c_in
+        and eqn.params["batch_group_count"] == 1
+        and rhs.shape[dn.rhs_spec[1]] == 1
+        and rhs.shape[dn.rhs_spec[0]] == c_in * taps
+    )
+
+
+def as_patches(effect: Effect) -> Effect:
+    """A conv that only extracts patches: its window and receptive field, no MACs, no groups."""
+    return replace(effect, macs=0, groups=None, label="patches")
 
 
 def _dot_general(eqn, fields, layer, same_source) -> Effect:

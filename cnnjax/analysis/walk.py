@@ -92,6 +92,8 @@ def _step(eqn, ins: list[Value], here: str, namer, steps: list[Step]) -> list[Va
     same = len({id(v.base) for v in data}) == 1 and data[0].base is not None
     effect = rules.apply(eqn, fields, namer(here), same)
     consumed = frozenset().union(*(v.sources for v in ins if v.field is None))
+    if not consumed and rules.extracts_patches(eqn):  # a kernel of constants: im2col
+        effect = rules.as_patches(effect)
     name = eqn.primitive.name
     first = eqn.invars[[f is not None for f in fields].index(True)]
     steps.append(
