@@ -1,5 +1,6 @@
 """What a model computes, probed: every conv's feature map, one unit's input gradient beside its
-receptive field from the analysis table, the logits of images and the confusion matrix."""
+receptive field from the analysis table, its effective receptive field over many images and how
+that spreads, the logits of images and the confusion matrix."""
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from cnnjax.geometry import Pair
 
 Box = tuple[Pair, Pair]  # (first, last) row and (first, last) column, inclusive
 ELEMENTWISE = (nn.BatchNorm, layers.ReLU)  # followed from a conv's output to its feature map
+CONVS = (nn.Conv, nn.ConvLocal)  # layers whose outputs are feature maps (shared or not)
 
 
 @dataclass
@@ -35,7 +37,7 @@ class _Recorder:
         self.outputs[name] = out
         self.alive.append(out)
         conv = None
-        if isinstance(module, nn.Conv):
+        if isinstance(module, CONVS):
             conv, self.stages[name] = name, []
         elif isinstance(module, ELEMENTWISE) and arrays:
             conv = self.owner.get(id(arrays[0]))
@@ -84,12 +86,38 @@ def unit_gradient(
 ) -> np.ndarray:
     """|d (the channel sum of `layer`'s output at `unit`) / d input|, summed over the input
     channels: (H, W), zero outside the pixels the unit depends on."""
+    return effective_receptive_field(model, variables, x_1xHxWxC, layer, unit, 1, conv_backend)
 
-    def activation(x: jnp.ndarray) -> jnp.ndarray:
-        return layer_output(model, variables, x, layer)[0, unit[0], unit[1]].sum()
 
-    grad = jax.jit(jax.grad(onednn.using(conv_backend, activation)))(x_1xHxWxC)
-    return np.abs(np.asarray(grad[0])).sum(-1)
+def effective_receptive_field(
+    model: nn.Module,
+    variables: dict,
+    x_NxHxWxC: jnp.ndarray,
+    layer: str,
+    unit: Pair,
+    batch_size: int = 256,
+    conv_backend: str = "xla",
+) -> np.ndarray:
+    """The effective receptive field (Luo et al., 2016) of `unit` of `layer`: the mean over the
+    N images of |d (the channel sum of `layer`'s output at `unit`) / d input|, summed over the
+    input channels, (H, W) float64. One jitted gradient of the batch's sum per batch: in eval
+    mode (BatchNorm's running statistics) an image's unit depends on that image alone, so the
+    batch gradient holds each image's own gradient."""
+    i, j = unit
+
+    def batch_activation(x_BxHxWxC: jnp.ndarray) -> jnp.ndarray:
+        return layer_output(model, variables, x_BxHxWxC, layer)[:, i, j].sum()
+
+    grad = jax.grad(onednn.using(conv_backend, batch_activation))
+    abs_sum = jax.jit(lambda x: jnp.abs(grad(x)).sum((0, 3)))  # over images and channels
+    n = len(x_NxHxWxC)
+    if n == 0:
+        raise ConfigError("the effective receptive field needs at least one image; got none")
+    total = sum(
+        np.asarray(abs_sum(x_NxHxWxC[k : k + batch_size]), np.float64)
+        for k in range(0, n, batch_size)
+    )
+    return total / n
 
 
 def logits(
@@ -232,3 +260,67 @@ def receptive_field(row: analysis.Row, unit: Pair, gradient_HxW: np.ndarray) -> 
         tuple(rf.window(i) for rf, i in zip(axes, unit, strict=True)), gradient_HxW.shape,
         footprint(gradient_HxW),
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MassRadii:
+    """How an (H, W) map of gradient mass spreads around a unit's centre: the radii of the
+    smallest centred squares holding half and 95 % of it, and its share inside a window."""
+
+    r50: float  # pixels from the centre to the square's outermost pixel centres (width 2r + 1)
+    r95: float
+    inside: float  # fraction of the mass inside the window (the analysis's: 1 up to float error)
+
+
+def _square_mass(weights_HxW: np.ndarray, centre: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """The radii of the squares centred at `centre` (pixel coordinates, pixel centres at 0.5,
+    1.5, ...) that hold different pixels, ascending, and the map's mass within each (pixels with
+    centres within r of `centre` along both axes: a square 2r + 1 pixels wide)."""
+    h, w = weights_HxW.shape
+    rows = np.abs(np.arange(h) + 0.5 - centre[0])[:, None]
+    cols = np.abs(np.arange(w) + 0.5 - centre[1])[None, :]
+    distance_HxW = np.maximum(rows, cols)  # Chebyshev: the square on which a pixel lies
+    radii, ring = np.unique(distance_HxW, return_inverse=True)
+    return radii, np.bincount(ring.ravel(), weights_HxW.ravel(), minlength=len(radii)).cumsum()
+
+
+def _total(weights_HxW: np.ndarray) -> float:
+    total = float(weights_HxW.sum())
+    if total <= 0 or not np.isfinite(total):
+        raise ValueError(
+            f"the map's total ({total}) must be a positive number: an all-zero map (a unit "
+            "inactive on every image) has no mass to locate"
+        )
+    return total
+
+
+def mass_radius(weights_HxW: np.ndarray, centre: tuple[float, float], fraction: float) -> float:
+    """The radius r of the smallest square centred at `centre` (pixel coordinates) whose pixels
+    (centres within r of it along both axes, 2r + 1 wide) hold at least `fraction` of the map's
+    total; the image clips it."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} must lie in (0, 1]")
+    total = _total(weights_HxW)
+    radii, mass = _square_mass(weights_HxW, centre)
+    return float(radii[np.argmax(mass >= fraction * total * (1 - 1e-12))])
+
+
+def mass_within(weights_HxW: np.ndarray, centre: tuple[float, float], radius: float) -> float:
+    """The fraction of the map's total on the pixels within `radius` of `centre` along both
+    axes (pixel coordinates)."""
+    radii, mass = _square_mass(weights_HxW, centre)
+    held = mass[radii <= radius + 1e-9]
+    return float(held[-1] / _total(weights_HxW)) if held.size else 0.0
+
+
+def mass_radii(weights_HxW: np.ndarray, centre: tuple[float, float], window: Box) -> MassRadii:
+    """The 50 % and 95 % radii of `mass_radius` and the fraction of the mass inside `window`
+    ((first, last) row and column, inclusive; clipped to the map)."""
+    (top, bottom), (left, right) = window
+    rows, cols = slice(max(top, 0), max(bottom + 1, 0)), slice(max(left, 0), max(right + 1, 0))
+    inside = weights_HxW[rows, cols].sum()
+    return MassRadii(
+        mass_radius(weights_HxW, centre, 0.5),
+        mass_radius(weights_HxW, centre, 0.95),
+        float(inside / weights_HxW.sum()),
+    )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnjax import probe
 from cnnjax.errors import ConfigError
 from cnnjax.geometry import conv_macs
 from cnnjax.models.locality import ConvNet, FullyConnectedNet, LocallyConnectedNet
@@ -90,3 +91,15 @@ def test_shared_weights_are_equivariant_unshared_are_not():
     conv_error, local_error = (shift.equivariance_error(n, init(n, 16), x) for n in nets)
     assert conv_error < 1e-5
     assert local_error > 0.3
+
+
+def test_feature_maps_of_a_locally_connected_net():
+    """cnnjax.probe (and so cnnjax.visualize) draws ConvLocal layers' maps as it draws convs'."""
+    net = LocallyConnectedNet(**TINY)
+    x = jnp.zeros((1, 12, 12, 1))
+    maps, stages = probe.feature_maps(net, init(net, 12), x)
+    assert {k: v.shape for k, v in maps.items()} == {
+        "layer1": (1, 6, 6, 2),
+        "layer2": (1, 3, 3, 3),
+    }
+    assert stages == {"layer1": "ConvLocal → ReLU", "layer2": "ConvLocal → ReLU"}
