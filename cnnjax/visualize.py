@@ -1,6 +1,6 @@
-"""`python -m cnnjax.visualize run_dir=<dir> [images=4] [layer=<name>] [unit=[i,j]]`: pictures of
-a trained (or checkpointed) run, written into `<dir>/visualize/` (see `cnnjax.plots.run_pictures`
-for what each shows)."""
+"""`python -m cnnjax.visualize run_dir=<dir> [images=4] [layer=<name>] [unit=[i,j]]
+[hand_set_kernels=true]`: pictures of a trained (or checkpointed) run, written into
+`<dir>/visualize/` (see `cnnjax.plots.run_pictures` for what each shows)."""
 
 import hydra
 from omegaconf import DictConfig

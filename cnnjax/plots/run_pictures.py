@@ -15,6 +15,10 @@ normalisation): receptive fields live in those pixels.
   start + index * jump, rf pixels wide, dashed where it extends beyond the image. Right, the
   independent check: the gradient of the unit's channel sum w.r.t. the input pixels, whose
   footprint must lie inside that window.
+- `hand_set_kernels.png` (with `hand_set_kernels=true`, for a first conv reading one channel):
+  hand-set 3x3 kernels (Sobel, blur, sharpen, Laplacian) and the first test image filtered by
+  each, beside the first conv's first `channels` kernels and the image filtered by each the same
+  way, each learned kernel titled with its closest hand-set one (`cnnjax.plots.kernels`).
 - `curves.png`: train loss and accuracy by step, test accuracy by epoch (`metrics.jsonl`).
 - `confusion.png`: the confusion matrix on the test split (counts; the dataset config's
   `class_names` when it has them, else class indices).
@@ -34,6 +38,7 @@ from cnnjax import analysis, batches, onednn, probe, rundir, trained
 from cnnjax.data import Split
 from cnnjax.errors import ConfigError
 from cnnjax.plots.figures import DPI, FIGSIZE, Mosaic, grid_columns, mosaic, new_figure
+from cnnjax.plots.kernels import draw_hand_set_kernels
 
 CELL = 1.0  # inches per panel of the kernel and feature-map grids (DPI pixels)
 BAR, TITLE = 1.0, 0.75  # inches added to a grid for its colour bar and its title
@@ -240,6 +245,12 @@ def _param(params: dict, layer: str) -> dict:
     return params
 
 
+def _first_kernel(variables: dict, maps: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """The first conv layer's name and kernel (H, W, I, O)."""
+    first = next(iter(maps))
+    return first, np.asarray(_param(variables["params"], first)["kernel"])
+
+
 def draw(
     run_dir: str | Path | None,
     out_dir: str | Path | None = None,
@@ -250,11 +261,12 @@ def draw(
     confusion_images: Any = "auto",
     batch_size: int = 256,
     conv_backend: str = "auto",
+    hand_set_kernels: bool = False,
 ) -> Result:
     """Draw the pictures of the run in `run_dir` into `out_dir` (default <run_dir>/visualize):
     `images` test images and `channels` channels per feature map, the receptive field of `unit`
     of `layer`, the confusion matrix of `confusion_images` test images (see the module's
-    docstring)."""
+    docstring); hand_set_kernels.png too with `hand_set_kernels`."""
     if not run_dir:
         raise ConfigError(
             "run_dir is required: python -m cnnjax.visualize run_dir=outputs/<date>/<time>_<model>"
@@ -292,6 +304,8 @@ def draw(
         f"(input adaptation: {r.adaptation})"
     )
     _conv_pictures(out, variables, maps, stages, r.table, shown, written)
+    if hand_set_kernels:
+        _hand_set_picture(out, variables, maps, shown[0], channels, written)
     rf = probe.receptive_field(row, unit, gradient)
     draw_receptive_field(out / "receptive_field.png", shown[0], gradient, rf)
     written.add(out / "receptive_field.png")
@@ -330,8 +344,7 @@ def _conv_pictures(
     if not maps:
         written.lines.append("skipped kernels.png and feature_maps/: the model has no conv layer")
         return
-    first = next(iter(maps))
-    kernel = np.asarray(_param(variables["params"], first)["kernel"])
+    first, kernel = _first_kernel(variables, maps)
     draw_kernels(out / "kernels.png", kernel, first)
     written.add(out / "kernels.png")
     channels = {row.name: row.output_shape[-1] for row in table.rows if row.type == "Conv"}
@@ -340,6 +353,39 @@ def _conv_pictures(
         path = out / "feature_maps" / f"{k:0{width}d}_{name.replace('/', '.')}.png"
         draw_feature_maps(path, name, stages[name], shown, fmap, channels[name])
         written.add(path)
+
+
+def _hand_set_picture(
+    out: Path,
+    variables: dict,
+    maps: dict[str, np.ndarray],
+    image_HxWxC: np.ndarray,
+    channels: int,
+    written: _Written,
+) -> None:
+    """hand_set_kernels.png: the first conv's first `channels` kernels beside hand-set ones, on
+    the image; skipped, with the reason, unless that conv reads one channel."""
+    if not maps:
+        written.lines.append("skipped hand_set_kernels.png: the model has no conv layer")
+        return
+    first, kernel = _first_kernel(variables, maps)
+    if kernel.shape[2] != 1 or image_HxWxC.shape[-1] != 1:
+        written.lines.append(
+            f"skipped hand_set_kernels.png: {first} reads {kernel.shape[2]} channels and the "
+            "hand-set kernels filter one grey channel"
+        )
+        return
+    learned = np.moveaxis(kernel[:, :, 0, :channels], -1, 0)
+    path = out / "hand_set_kernels.png"
+    similarity = draw_hand_set_kernels(path, image_HxWxC[..., 0], learned, first)
+    written.add(path)
+    if similarity is None:
+        written.lines.append(f"{first}'s kernels are not 3x3: no cosine with the hand-set ones")
+    else:
+        written.lines.append(
+            f"{first}'s kernels' closest hand-set ones: "
+            + ", ".join(f"ch {k} {similarity.match(k)}" for k in range(len(learned)))
+        )
 
 
 def _confusion_picture(
