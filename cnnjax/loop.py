@@ -7,6 +7,8 @@ which is also where a non-finite loss is caught.
 """
 
 import dataclasses
+import importlib
+import json
 import logging
 import math
 import signal
@@ -236,8 +238,25 @@ def evaluate(
     }
 
 
+def _model_defaults(target: object) -> dict:
+    """`model.<field>` -> the default of each field of the model class `target` names (a Hydra
+    `_target_`), as JSON values; {} when it cannot be imported."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    fields = getattr(cls, "__dataclass_fields__", {}).items()
+    defaults = {k: f.default for k, f in fields if f.default is not dataclasses.MISSING}
+    return {f"model.{k}": json.loads(json.dumps(v)) for k, v in defaults.items()
+            if isinstance(v, int | float | str | bool | tuple | list | None)}  # fmt: skip
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
-    """The keys of two run definitions that differ: "key: <current> here, <recorded> there"."""
+    """The keys of two run definitions that differ: "key: <current> here, <recorded> there".
+    A model field added to its class after the run was recorded counts at its default there."""
+    added = _model_defaults(current.get("model._target_")).items()
+    recorded = {k: v for k, v in added if k in current and k not in recorded} | recorded
     missing = "(unset)"
     keys = sorted(set(recorded) | set(current))
     return [
@@ -262,10 +281,11 @@ def resume(
     with a RunDirError before anything is written."""
     run_dir = checkpoints.directory.parent
     recorded = checkpoints.recorded_run() or recorded
-    if recorded is not None and recorded != checkpoints.run:
+    changed = differences(recorded, checkpoints.run) if recorded is not None else []
+    if changed:
         raise RunDirError(
             f"{run_dir} holds another run: "
-            + "; ".join(differences(recorded, checkpoints.run))
+            + "; ".join(changed)
             + ". A run resumes only with the settings that define it: run again with those, or "
             "give this run another hydra.run.dir."
         )

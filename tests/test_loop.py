@@ -87,3 +87,19 @@ def test_the_clock_reports_compile_time_and_the_median_throughput():
     assert (fields["compile_s"], fields["images_per_s"]) == (1.23, 200.0)
     assert fields["train_wall_s"] >= 0
     assert loop.Clock().fields()["images_per_s"] is None
+
+
+def test_a_model_field_added_since_counts_at_its_default():
+    """A run recorded before BlockNet had `dilation` resumes (and loads) at dilation 1, its
+    implicit value then; any other value, or any other missing key, is a difference."""
+    recorded = {"model._target_": "cnnjax.models.blocknet.BlockNet", "model.padding": 1}
+    current = recorded | {"model.dilation": 1}
+    assert loop.differences(recorded, current) == []
+    assert loop.differences(recorded, current | {"model.dilation": 2}) == [
+        "model.dilation: 2 here, 1 there"
+    ]
+    assert loop.differences(recorded | {"x": 1}, current) == ["x: '(unset)' here, 1 there"]
+    unknown = {"model._target_": "nowhere.Model"}
+    assert loop.differences(unknown, unknown | {"model.k": 1}) == [
+        "model.k: 1 here, '(unset)' there"
+    ]
