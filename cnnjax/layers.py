@@ -154,6 +154,11 @@ class Conv(nn.Conv):
         return onednn.conv(x, kernel, bias, as_pair(self.strides), self.padding, dilation, groups)
 
 
-def conv(features: int, kernel: int, stride: int = 1, padding: int = 0, **kw) -> Conv:
-    """A square convolution with symmetric integer padding, as in the notes' PyTorch."""
+def conv(
+    features: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, **kw
+) -> Conv:
+    """A square convolution with symmetric integer padding (and taps `dilation` apart), as in
+    the notes' PyTorch."""
+    if dilation != 1:
+        kw["kernel_dilation"] = (dilation, dilation)
     return Conv(features, (kernel, kernel), (stride, stride), padding=pads2d(padding), **kw)
