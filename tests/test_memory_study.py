@@ -51,38 +51,10 @@ def test_the_400_chain_sizes_parameters_and_receptive_fields():
     """The notes' sizes hold (398 ... 390, 195, 193 ... 187, 93, 91); their receptive fields
     double at the pool (22) and grow by 2 after it; pooling adds (k - 1) x jump instead."""
     rows = rows_by_type("blocks_400", "Conv", "MaxPool")[:-1]  # up to block3_conv1
-    assert [r.output_shape[1] for r in rows] == [
-        398,
-        396,
-        394,
-        392,
-        390,
-        195,
-        195,
-        193,
-        191,
-        189,
-        187,
-        93,
-        93,
-        91,
-    ]
-    assert [r.output_shape[-1] for r in rows] == [
-        32,
-        64,
-        128,
-        256,
-        512,
-        512,
-        32,
-        64,
-        128,
-        256,
-        512,
-        512,
-        32,
-        64,
-    ]
+    sides = [398, 396, 394, 392, 390, 195, 195, 193, 191, 189, 187, 93, 93, 91]
+    channels = [32, 64, 128, 256, 512, 512, 32, 64, 128, 256, 512, 512, 32, 64]
+    assert [r.output_shape[1] for r in rows] == sides
+    assert [r.output_shape[-1] for r in rows] == channels
     assert [r.rf[0] for r in rows] == [3, 5, 7, 9, 11, 12, 12, 16, 20, 24, 28, 30, 30, 38]
     assert [r.jump[0] for r in rows] == [1] * 5 + [2] * 6 + [4] * 3
     c_in = [3, 32, 64, 128, 256, 512, 512, 32, 64, 128, 256, 512, 512, 32]
