@@ -143,8 +143,11 @@ def write(
         "file": path.name,
         "bytes": path.stat().st_size,
         "input": {"shape": ["batch", *image_hwc], "dtype": "uint8", "layout": "NHWC, 0-255"},
-        "output": {"shape": ["batch", int(expected.shape[-1])], "dtype": "float32",
-                   "meaning": "logits (softmax gives the class probabilities)"},  # fmt: skip
+        "output": {
+            "shape": ["batch", int(expected.shape[-1])],
+            "dtype": "float32",
+            "meaning": "logits (softmax gives the class probabilities)",
+        },
         "load": LOADERS[fmt],
         "check": {
             "images": len(images_NxHxWxC),

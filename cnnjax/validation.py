@@ -99,9 +99,7 @@ OPTIONAL_RULES: dict[str, tuple[Check, str, str]] = {
     "dataset.augment.flip": (_flag, "true or false", "true"),
     "schedule.warmup_steps": (_whole(0), "a whole number of steps, at least 0", "100"),
     "dataset.source_format": (_one_of("idx", "image_folder"), "idx or image_folder", "idx"),
-    "dataset.test_fraction": (
-        lambda v: _number(0, 1)(v) and v < 1, "a number in (0, 1)", "0.2"
-    ),
+    "dataset.test_fraction": (lambda v: _number(0, 1)(v) and v < 1, "a number in (0, 1)", "0.2"),
     "dataset.split_seed": (_whole(0), "a whole number of at least 0", "0"),
 }
 

@@ -167,9 +167,10 @@ def test_onnx_matches_jax(run_dir, test_images, run_command):
     done = run_command("export", f"run_dir={run_dir}", "format=onnx")
     assert done.returncode == 0, done.stderr
     path = run_dir / "export" / "model.onnx"
-    assert json.loads(path.with_name("model.onnx.json").read_text())["check"][
-        "max_abs_diff_from_jax"
-    ] < 1e-5
+    assert (
+        json.loads(path.with_name("model.onnx.json").read_text())["check"]["max_abs_diff_from_jax"]
+        < 1e-5
+    )
     images, expected = test_images
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (images[:1], images):  # any batch size
