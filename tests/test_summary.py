@@ -1,11 +1,11 @@
-"""`python -m cnnjax.summary`: every runnable model config, the three formats, the error path."""
+"""`python -m cnnjax.summary`: the three formats on a few model configs, and the error path."""
 
 import json
 import subprocess
 import sys
 
 import pytest
-from helpers import RUNNABLE, compose_config
+from helpers import compose_config
 
 from cnnjax import summary
 
@@ -17,8 +17,13 @@ def _report(name: str, *overrides: str):
     return summary.report(compose_config("summary", f"model={name}", *overrides), name)
 
 
-@pytest.mark.parametrize("name", RUNNABLE)  # full-size ones: test_analysis, on their inputs
-def test_json_for_every_model(name):
+# the JSON's form, on a plain net, a flattening one, one with additions, one with depthwise
+# convs; every model's analysis (what the JSON holds) is checked in test_analysis
+JSON_MODELS = ["mnist_allconv", "lenet", "resnet18_small", "mobilenet_v2_small"]
+
+
+@pytest.mark.parametrize("name", JSON_MODELS)
+def test_json_of_a_model(name):
     out = json.loads(_report(name, "format=json"))
     assert out["model"] == name and out["layers"] and set(out["totals"]) >= TOTAL_KEYS
     for row in out["layers"]:
