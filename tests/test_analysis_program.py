@@ -201,6 +201,7 @@ def test_locally_connected_layer_counts_the_multiply_adds_of_its_dot_only():
     assert row.macs == 6 * 6 * (3 * 3 * 2) * 4 == 2_592  # as a conv of the same window
     assert row.params == 6 * 6 * (3 * 3 * 2 + 1) * 4 and row.groups is None
     assert row.kernel == (3, 3) and row.rf == (3, 3)
+    assert any("counted as patch extraction" in w for w in row.warnings)  # said, not silent
     check_against_gradient(result, fn, (1, 6, 6, 2))
     result, _ = linen(nn.Conv(18, (3, 3), padding=1, feature_group_count=2), (1, 6, 6, 2))
     (row,) = result.rows

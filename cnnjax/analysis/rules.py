@@ -211,7 +211,12 @@ def extracts_patches(eqn: core.JaxprEqn) -> bool:
 
 def as_patches(effect: Effect) -> Effect:
     """A conv that only extracts patches: its window and receptive field, no MACs, no groups."""
-    return replace(effect, macs=0, groups=None, label="patches")
+    note = (
+        "counted as patch extraction (no MACs): a conv of a kernel computed from no parameter "
+        "with lax.conv_general_dilated_patches' shape; a fixed filter bank of that shape would "
+        "have its MACs left out"
+    )
+    return replace(effect, macs=0, groups=None, label="patches", notes=[*effect.notes, note])
 
 
 def _dot_general(eqn, fields, layer, same_source) -> Effect:
